@@ -1,0 +1,3 @@
+from fastdecode.cli import main
+
+raise SystemExit(main())

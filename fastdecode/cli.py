@@ -1,0 +1,152 @@
+"""The command line: thin. It parses arguments, calls the public API and prints.
+
+Bad input ends with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any, Sequence
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def parse_opts(items: Sequence[str]) -> dict[str, str]:
+    opts: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--opt takes key=value, got {item!r}")
+        opts[key.strip()] = value.strip()
+    return opts
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="smollm2 (the embedded default), a .gguf file or a Hugging Face folder")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
+    p.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 (auto: bf16 on GPUs and on CPUs with native bf16, else fp32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fastdecode.api import DEFAULT_METHOD
+
+    parser = _Parser(prog="fastdecode", description="Several tokens per forward pass: speculative and parallel decoding, measured.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="generate an answer, streamed, with a summary line on stderr")
+    _add_model_args(g)
+    g.add_argument("--method", default=DEFAULT_METHOD, help=f"decoding method (default {DEFAULT_METHOD}; see `fastdecode methods`)")
+    g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="a method option (repeatable)")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--sampler", default="gumbel", help="gumbel (same seed, same text for every lossless method) or rejection")
+    g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    g.add_argument("--system", default=None, help="a system prompt (default: the model's own)")
+    g.add_argument("--raw", action="store_true", help="no chat template: the prompt is the text to continue")
+    g.add_argument("prompt", help="the prompt, or - to read it from stdin")
+
+    sub.add_parser("methods", help="list the decoding methods, their options and whether they are lossless")
+
+    try:
+        from fastdecode.bench.cli import add_bench_parser
+    except ImportError:
+        pass
+    else:
+        add_bench_parser(sub, _add_model_args)
+    return parser
+
+
+def cmd_methods() -> int:
+    from fastdecode.drafters import get_method, method_names
+
+    for name in method_names():
+        cls = get_method(name)
+        label = "lossless" if cls.lossless else "lossy"
+        print(f"{name:<12} [{label}] {cls.description}")
+        fields = dataclasses.fields(cls.Options)
+        if fields:
+            opts = ", ".join(f"{f.name}={f.default}" for f in fields)
+            print(f"{'':<12} options: {opts}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import fastdecode
+
+    prompt_text: str = sys.stdin.read() if args.prompt == "-" else args.prompt
+    opts: dict[str, Any] = parse_opts(args.opt)
+    # check everything that needs no model before the (slow) load
+    from fastdecode.drafters import get_method, make_options
+    from fastdecode.sampling import SamplingParams
+
+    make_options(get_method(args.method), opts)
+    SamplingParams(args.temperature, args.top_k, args.top_p, 0, args.sampler).validate()
+    if args.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if not prompt_text.strip():
+        raise ValueError("the prompt is empty")
+
+    gen = fastdecode.load(args.model, device=args.device, dtype=args.dtype)
+    prompt: Any = prompt_text
+    if not args.raw and args.system is not None:
+        prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": prompt_text}]
+    stream = gen.stream(
+        prompt,
+        method=args.method,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        raw=args.raw,
+        sampler=args.sampler,
+        **opts,
+    )
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    res = stream.result
+    assert res is not None
+    s = res.stats
+    print(
+        f"[{res.method}] {s.new_tokens} tokens in {s.wall_s:.2f} s = {s.tokens_per_s:.1f} tokens/s, "
+        f"MAT {s.mat:.2f} ({s.steps} steps), prefill {s.prefill_s * 1e3:.0f} ms, finish: {res.finish_reason}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "methods":
+            return cmd_methods()
+        if args.command == "generate":
+            return cmd_generate(args)
+        return int(args.run(args))
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"fastdecode: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastdecode: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

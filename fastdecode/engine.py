@@ -1,0 +1,273 @@
+"""The decode loop of DESIGN.md: prefill, propose, verify in one target forward, accept, roll back,
+observe, emit — and the clock. Every method runs through `Engine.generate`, so every method is counted
+and timed the same way. The engine never decides acceptance (verify.py does) and never drafts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from fastdecode.cache import KVCache
+from fastdecode.drafters.base import DraftContext, Drafter, Proposal, StepResult
+from fastdecode.models.llama import LlamaModel
+from fastdecode.sampling import SamplingParams, choose_tokens, target_probs
+from fastdecode.verify import verify_match, verify_rejection
+
+CACHE_SLACK = 256  # KV rows beyond prompt + max_new_tokens, for draft rows of the last steps
+
+
+@dataclass
+class StepTrace:
+    rows: int  # rows in the verify forward (1 + draft nodes + lookahead rows)
+    accepted: int  # draft tokens accepted
+    emitted: int  # tokens emitted (accepted + bonus, fewer at a stop)
+    draft_us: float
+    verify_us: float
+    host_us: float
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    steps: int = 0  # target forwards in the decode loop (prefill is not a step)
+    draft_forwards: int = 0
+    drafted: int = 0  # draft nodes sent to the verifier
+    accepted: int = 0  # draft tokens accepted
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    host_s: float = 0.0
+    wall_s: float = 0.0  # prefill included
+    cache_bytes: int = 0  # what the engine allocated for the KV cache
+    finish_reason: str = ""  # "stop" (EOS or a stop string) or "length" (max_new_tokens)
+    trace: list[StepTrace] = field(default_factory=list)
+    # with Engine.generate(..., top_logits=k): per emitted token, the target's top-k (ids, logits) at its row
+    top_logits: list[tuple[list[int], list[float]]] = field(default_factory=list)
+
+    @property
+    def mat(self) -> float:
+        """Mean accepted tokens per step: new tokens / target forwards (AR = 1.0)."""
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def summary(self) -> dict[str, float | int | str]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "steps": self.steps,
+            "draft_forwards": self.draft_forwards,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "mat": round(self.mat, 4),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "prefill_s": round(self.prefill_s, 6),
+            "draft_s": round(self.draft_s, 6),
+            "verify_s": round(self.verify_s, 6),
+            "host_s": round(self.host_s, 6),
+            "wall_s": round(self.wall_s, 6),
+            "cache_bytes": self.cache_bytes,
+            "finish_reason": self.finish_reason,
+        }
+
+
+@dataclass(frozen=True)
+class StopConditions:
+    max_new_tokens: int
+    eos_ids: frozenset[int] = frozenset()
+    stop_strings: tuple[str, ...] = ()
+    decode: Callable[[list[int]], str] | None = None  # needed for stop strings
+
+
+class Stopper:
+    """Finds where the output must end: at an EOS id, at a stop string, or at max_new_tokens."""
+
+    def __init__(self, cond: StopConditions):
+        self.cond = cond
+        longest = max((len(s) for s in cond.stop_strings), default=0)
+        self.window = 4 * longest + 4  # tokens enough to spell the longest stop string, bytes split included
+        self.reason: str | None = None
+
+    def keep(self, out: list[int], start: int) -> int:
+        """`out[start:]` is new; return how many tokens of `out` to keep, and set `reason` at a stop."""
+        cond = self.cond
+        for k in range(start, len(out)):
+            if out[k] in cond.eos_ids:
+                self.reason = "stop"
+                return k + 1
+            if cond.stop_strings and cond.decode is not None:
+                tail = cond.decode(out[max(0, k + 1 - self.window) : k + 1])
+                if any(s in tail for s in cond.stop_strings):
+                    self.reason = "stop"
+                    return k + 1
+            if k + 1 >= cond.max_new_tokens:
+                self.reason = "length"
+                return k + 1
+        return len(out)
+
+
+def tree_mask(parents: list[int]) -> torch.Tensor | None:
+    """(1+m, 1+m) bool: row r sees row 0 (the pending token), its ancestors and itself. None for a chain."""
+    m = len(parents)
+    if parents == list(range(-1, m - 1)):
+        return None  # a chain is causal
+    mask = torch.zeros(1 + m, 1 + m, dtype=torch.bool)
+    mask[0, 0] = True
+    for j, p in enumerate(parents):
+        mask[j + 1] = mask[p + 1]
+        mask[j + 1, j + 1] = True
+    return mask
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Engine:
+    def __init__(self, model: LlamaModel):
+        self.model = model
+        self.cache: KVCache | None = None  # the current generation's cache (tests look at it)
+
+    @property
+    def context_length(self) -> int:
+        return self.model.cfg.max_position
+
+    def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
+        if prompt_len < 1:
+            raise ValueError("the prompt is empty")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if prompt_len + max_new_tokens > self.context_length:
+            raise ValueError(
+                f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
+                f"the model's context of {self.context_length} tokens"
+            )
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        drafter: Drafter,
+        params: SamplingParams,
+        stop: StopConditions,
+        stats: GenerationStats,
+        top_logits: int = 0,
+    ) -> Iterator[list[int]]:
+        """Yield the emitted tokens of each step; fill `stats` as it goes. Batch 1."""
+        model, dev = self.model, self.model.device
+        self.check_request(len(prompt_ids), stop.max_new_tokens)
+        params.validate()
+        generator = None
+        if not params.greedy and params.sampler == "rejection":
+            generator = torch.Generator(device=dev)
+            generator.manual_seed(params.seed)
+        max_len = min(self.context_length, len(prompt_ids) + stop.max_new_tokens + CACHE_SLACK)
+        t_start = time.perf_counter()
+        cache = self.cache = model.new_cache(batch=1, length=max_len)
+        stats.cache_bytes = cache.nbytes
+        stats.prompt_tokens = len(prompt_ids)
+
+        # 0. prefill: every prompt token but the last goes into the cache; the last one is pending
+        with torch.inference_mode():
+            if len(prompt_ids) > 1:
+                ids = torch.tensor([prompt_ids[:-1]], device=dev)
+                model(ids, torch.arange(ids.shape[1], device=dev)[None], cache, hidden_only=True)
+        drafter.reset(list(prompt_ids))
+        _sync(dev)
+        stats.prefill_s = time.perf_counter() - t_start
+
+        tokens = list(prompt_ids)  # committed tokens; tokens[-1] is pending
+        out: list[int] = []
+        stopper = Stopper(stop)
+        while stopper.reason is None:
+            t0 = time.perf_counter()
+            # 1. propose: a tree that fits the token budget and the cache
+            start = cache.length  # slot (and position) of the pending token
+            budget = stop.max_new_tokens - len(out)
+            ctx = DraftContext(
+                tokens=tokens,
+                prompt_len=len(prompt_ids),
+                max_depth=max(0, min(budget - 1, self.context_length - start - 2)),
+                max_nodes=max(0, cache.max_len - start - 1),
+                params=params,
+                vocab_size=model.cfg.vocab_size,
+                target=self,
+            )
+            with torch.inference_mode():
+                proposal = drafter.propose(ctx)
+            if proposal.extra_tokens and len(proposal) + len(proposal.extra_tokens) > ctx.max_nodes:
+                proposal = Proposal(proposal.tokens, proposal.parents, proposal.draft_probs, proposal.draft_forwards)
+            proposal = proposal.clip(ctx.max_depth, ctx.max_nodes)
+            _sync(dev)
+            t1 = time.perf_counter()
+
+            # 2. score every draft node (and lookahead row) in one target forward
+            m, e = len(proposal), len(proposal.extra_tokens)
+            depths = proposal.depths()
+            row_tokens = [tokens[-1], *proposal.tokens, *proposal.extra_tokens]
+            row_pos = [start, *(start + d for d in depths), *(start + o for o in proposal.extra_positions)]
+            mask = tree_mask(proposal.parents)
+            if e:
+                full = torch.zeros(1 + m + e, 1 + m + e, dtype=torch.bool)
+                full[: 1 + m, : 1 + m] = torch.ones(1 + m, 1 + m).tril().bool() if mask is None else mask
+                full[1 + m :] = proposal.extra_mask
+                mask = full
+            with torch.inference_mode():
+                ids = torch.tensor([row_tokens], device=dev)
+                pos = torch.tensor([row_pos], device=dev)
+                logits, _ = model(ids, pos, cache, None if mask is None else mask.to(dev)[None])
+                logits = logits[0]  # (1+m+e, V)
+                # 3. the verdict: the longest valid path plus the bonus token
+                if generator is None:
+                    choice = choose_tokens(logits[: 1 + m], pos[0, : 1 + m], params).tolist()
+                    verdict = verify_match(proposal, choice)
+                else:
+                    verdict = verify_rejection(proposal, target_probs(logits[: 1 + m], params), generator)
+            _sync(dev)
+            t2 = time.perf_counter()
+
+            # 4. keep the pending row and the accepted path, compacted; the bonus token becomes pending
+            cache.compact(start, [start, *(start + 1 + j for j in verdict.path)])
+            # 5. let the drafter adapt
+            extra_logits = logits[1 + m :] if e else None
+            drafter.observe(StepResult(proposal, verdict, extra_logits, t2 - t0))
+            # 6. emit, up to the first stop
+            new = verdict.new_tokens
+            before = len(out)
+            out.extend(new)
+            keep = stopper.keep(out, before)
+            del out[keep:]
+            emitted = out[before:]
+            tokens.extend(emitted)
+            if top_logits:
+                rows = [0, *(1 + j for j in verdict.path)][: len(emitted)]
+                top = torch.topk(logits[rows], top_logits, dim=-1)
+                stats.top_logits.extend(zip(top.indices.tolist(), top.values.tolist()))
+            t3 = time.perf_counter()
+
+            stats.steps += 1
+            stats.draft_forwards += proposal.draft_forwards
+            stats.drafted += m
+            stats.accepted += len(verdict.path)
+            stats.new_tokens = len(out)
+            stats.draft_s += t1 - t0
+            stats.verify_s += t2 - t1
+            stats.host_s += t3 - t2
+            stats.trace.append(
+                StepTrace(1 + m + e, len(verdict.path), len(emitted), (t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6)
+            )
+            stats.wall_s = time.perf_counter() - t_start
+            if emitted:
+                yield emitted
+        stats.finish_reason = stopper.reason or ""

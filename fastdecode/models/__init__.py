@@ -1,0 +1,1 @@
+"""The native Llama-family model and its loaders."""
