@@ -7,8 +7,9 @@ and turns ids back into text; it must never implement decoding logic itself (eng
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -20,7 +21,14 @@ from fastdecode.sampling import SamplingParams
 from fastdecode.tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_METHOD = "pld"
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 Prompt = str | Sequence[dict[str, str]]
 

@@ -6,7 +6,7 @@ The model appends rows at `length`; the engine then keeps what the verifier acce
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

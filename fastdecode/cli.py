@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 class UsageError(Exception):
@@ -58,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="the prompt, or - to read it from stdin")
 
     sub.add_parser("methods", help="list the decoding methods, their options and whether they are lossless")
+
+    d = sub.add_parser("demo", help="ar side by side with a faster method on a few Spec-Bench prompts: same text, speedup")
+    _add_model_args(d)
+    d.add_argument("--method", default=DEFAULT_METHOD)
+    d.add_argument("--max-new-tokens", type=int, default=128)
 
     try:
         from fastdecode.bench.cli import add_bench_parser
@@ -130,6 +136,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    import fastdecode
+    from fastdecode.demo import run_demo
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    gen = fastdecode.load(args.model, device=args.device, dtype=args.dtype)
+    print(f"model {args.model} on {gen.device} ({str(gen.dtype).removeprefix('torch.')}), greedy, {args.max_new_tokens} new tokens")
+    rows = run_demo(gen, args.method, args.max_new_tokens)
+    print(f"{'category':<14} {'tokens':>6} {'ar tok/s':>9} {args.method + ' tok/s':>12} {'speedup':>8} {'MAT':>5}  same text as ar")
+    for r in rows:
+        print(
+            f"{r.category:<14} {r.new_tokens:>6} {r.ar_tokens_per_s:>9.1f} {r.method_tokens_per_s:>12.1f} "
+            f"{r.speedup:>7.2f}x {r.mat:>5.2f}  {'yes' if r.identical else 'NO'}"
+        )
+    for r in rows:
+        print(f"\n--- {r.category} ({args.method}) ---\n{r.text.strip()}")
+    return 0 if all(r.identical for r in rows) else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -137,9 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_methods()
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "demo":
+            return cmd_demo(args)
         return int(args.run(args))
     except (UsageError, ValueError, FileNotFoundError) as e:
-        print(f"fastdecode: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the exception held
+        print(f"fastdecode: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fastdecode: interrupted", file=sys.stderr)

@@ -6,8 +6,8 @@ and timed the same way. The engine never decides acceptance (verify.py does) and
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 
@@ -205,7 +205,7 @@ class Engine:
                 target=self,
             )
             with torch.inference_mode():
-                proposal = drafter.propose(ctx)
+                proposal = drafter.draft(ctx)  # propose, within the adaptive controller's limits
             if proposal.extra_tokens and len(proposal) + len(proposal.extra_tokens) > ctx.max_nodes:
                 proposal = Proposal(proposal.tokens, proposal.parents, proposal.draft_probs, proposal.draft_forwards)
             proposal = proposal.clip(ctx.max_depth, ctx.max_nodes)
@@ -219,6 +219,7 @@ class Engine:
             row_pos = [start, *(start + d for d in depths), *(start + o for o in proposal.extra_positions)]
             mask = tree_mask(proposal.parents)
             if e:
+                assert proposal.extra_mask is not None, "a proposal with lookahead rows needs extra_mask"
                 full = torch.zeros(1 + m + e, 1 + m + e, dtype=torch.bool)
                 full[: 1 + m, : 1 + m] = torch.ones(1 + m, 1 + m).tril().bool() if mask is None else mask
                 full[1 + m :] = proposal.extra_mask
@@ -241,7 +242,7 @@ class Engine:
             cache.compact(start, [start, *(start + 1 + j for j in verdict.path)])
             # 5. let the drafter adapt
             extra_logits = logits[1 + m :] if e else None
-            drafter.observe(StepResult(proposal, verdict, extra_logits, t2 - t0))
+            drafter.learn(StepResult(proposal, verdict, extra_logits, t2 - t0, logits[: 1 + m], t1 - t0))
             # 6. emit, up to the first stop
             new = verdict.new_tokens
             before = len(out)
@@ -253,7 +254,7 @@ class Engine:
             if top_logits:
                 rows = [0, *(1 + j for j in verdict.path)][: len(emitted)]
                 top = torch.topk(logits[rows], top_logits, dim=-1)
-                stats.top_logits.extend(zip(top.indices.tolist(), top.values.tolist()))
+                stats.top_logits.extend(zip(top.indices.tolist(), top.values.tolist(), strict=True))
             t3 = time.perf_counter()
 
             stats.steps += 1

