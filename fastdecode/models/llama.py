@@ -118,12 +118,15 @@ class Attention(nn.Module):
         k_cache[:, :, start:end] = k
         v_cache[:, :, start:end] = v
         keys, values = k_cache[:, :, :end], v_cache[:, :, :end]  # (B, kvh, S, hd)
+        # grouped-query attention without copying the cache: the `rep` query heads that share a kv head
+        # are stacked along the query axis (query head i uses kv head i // rep, as in the reference)
         rep = cfg.num_heads // cfg.num_kv_heads
-        if rep > 1:  # grouped-query attention: each kv head serves `rep` query heads
-            S = keys.shape[2]
-            keys = keys[:, :, None].expand(B, cfg.num_kv_heads, rep, S, cfg.head_dim).reshape(B, cfg.num_heads, S, cfg.head_dim)
-            values = values[:, :, None].expand(B, cfg.num_kv_heads, rep, S, cfg.head_dim).reshape(B, cfg.num_heads, S, cfg.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, h, T, hd)
+        q = q.reshape(B, cfg.num_kv_heads, rep * T, cfg.head_dim)  # (B, kvh, rep*T, hd)
+        if mask is not None and rep > 1:
+            S = mask.shape[-1]
+            mask = mask[:, :, None].expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, kvh, rep*T, hd)
+        out = out.view(B, cfg.num_heads, T, cfg.head_dim)  # (B, h, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim))
 
 
