@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-TopLogits = tuple[Sequence[int], Sequence[float]]  # the target's top-k (token ids, logits) at one position
+TopLogits = Sequence[Sequence[float]]  # a pair at one position: the target's top-k token ids, their logits
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ def method_stats(rows: Sequence[Row], reference: dict[str, Row]) -> dict[str, An
         "new_tokens": new,
         "wall_s": round(wall, 4),
         "tokens_per_s": _rate(new, wall, 3),
+        "capture_s": round(sum(r.get("capture_s") or 0.0 for r in ok), 4),
         "prefill_s_mean": _rate(sum(r.get("prefill_s") or 0.0 for r in ok), len(ok), 6) if kind == "method" else None,
         "speedup": speedup(paired),
         "median_speedup": median_speedup(paired),
@@ -129,6 +130,11 @@ def divergences(rows: Iterable[Row]) -> list[dict[str, Any]]:
             d = r["divergence"] or {}
             out.append({"prompt_id": r["prompt_id"], "method": r["method"], "kind": r["kind"], "flag": r.get("flag", False), **d})
     return out
+
+
+def capture_seconds(summary: dict[str, Any]) -> float:
+    """CUDA-graph capture that happened inside timed generations (a longer warm-up would move it out)."""
+    return round(sum(s.get("capture_s") or 0.0 for s in summary[OVERALL].values()), 4)
 
 
 def failing_methods(summary: dict[str, Any]) -> list[str]:

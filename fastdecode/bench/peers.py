@@ -86,10 +86,12 @@ def _finish(token_ids: Sequence[int], eos_ids: frozenset[int]) -> str:
 
 
 def load_transformers_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -> Any:
+    model: Any
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # the de-quantization bar would bury the benchmark's own
     if source.kind == "gguf":
         model = AutoModelForCausalLM.from_pretrained(str(source.path.parent), gguf_file=source.path.name, dtype=dtype)
     else:

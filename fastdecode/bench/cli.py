@@ -1,0 +1,145 @@
+"""`fastdecode bench`: the command line of the benchmark. Thin: parse, check, load, run, report.
+
+Everything that needs no model is checked before the (slow) load: methods and their options, peers, the
+workload, the output folder. Bad input raises ValueError / FileNotFoundError, which fastdecode.cli turns
+into one line and exit status 2. Exit status 1 means a lossless method failed the exact-match check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastdecode.bench.runner import RESULTS, TOP_K, BenchSettings, MethodSpec, with_reference
+from fastdecode.bench.workloads import WORKLOADS, default_per_category, load_workload
+
+DEFAULT_METHODS = "ar,pld"
+DEFAULT_OUT = "bench-out"
+
+
+def add_bench_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    b = sub.add_parser("bench", help="measure methods (and peer tools) on a workload: speed, acceptance and exactness")
+    add_model_args(b)
+    b.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated methods (default {DEFAULT_METHODS}); ar always runs, first")
+    b.add_argument("--opt", action="append", default=[], metavar="METHOD.KEY=VALUE", help="a method option, e.g. pld.num_draft=5")
+    b.add_argument("--workload", default="spec-bench", help=f"{', '.join(WORKLOADS)} or a .jsonl file with 'turns' (default spec-bench)")
+    b.add_argument("--categories", default="", help="comma-separated categories (or groups) to run (default: all)")
+    b.add_argument("--per-category", type=int, default=None, help="the first N prompts of each category (default: all; sharegpt: 80)")
+    b.add_argument("--max-new-tokens", type=int, default=256, help="per turn (default 256)")
+    b.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); exactness is judged on greedy runs")
+    b.add_argument("--seed", type=int, default=0, help="sampling runs and the ShareGPT sample derive from it")
+    b.add_argument("--peers", default="", help="comma-separated peer tools: transformers, llamacpp (pip install fastdecode[peers])")
+    b.add_argument("--peer-per-category", type=int, default=None, help="peers run on the first N prompts of each category only")
+    b.add_argument("--assistant", default=None, help="a small model (GGUF or HF folder) for transformers assisted generation")
+    b.add_argument("--threads", type=int, default=None, help="torch (and llama.cpp) threads (default: torch's own choice)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method before timing (default 1)")
+    b.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    b.add_argument("--resume", action="store_true", help="continue an interrupted results.jsonl in --out; runs nothing twice")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(run=run_bench_command)
+
+
+def split_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def method_specs(methods: str, opts: list[str]) -> tuple[MethodSpec, ...]:
+    """`--methods ar,pld --opt pld.num_draft=5` -> (ar, pld(num_draft=5)); options of unlisted methods are refused."""
+    names = split_list(methods)
+    if not names:
+        raise ValueError("--methods is empty")
+    options: dict[str, dict[str, str]] = {n: {} for n in names}
+    for item in opts:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.strip().partition(".")
+        if not sep or not dot or not method or not name:
+            raise ValueError(f"--opt takes method.key=value, got {item!r}")
+        if method not in options:
+            raise ValueError(f"--opt {item!r}: method {method!r} is not in --methods")
+        options[method][name] = value.strip()
+    return with_reference([MethodSpec(n, tuple(sorted(options[n].items()))) for n in names])
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, from the parsed arguments."""
+    parts = ["fastdecode", "bench", "--model", args.model, "--device", args.device, "--dtype", args.dtype, "--methods", args.methods]
+    parts += [x for o in args.opt for x in ("--opt", o)]
+    parts += ["--workload", args.workload, "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature)]
+    optional = {"--categories": args.categories or None, "--per-category": args.per_category, "--peers": args.peers or None,
+                "--peer-per-category": args.peer_per_category, "--assistant": args.assistant, "--threads": args.threads}
+    parts += [x for k, v in optional.items() if v is not None for x in (k, str(v))]
+    if args.seed:
+        parts += ["--seed", str(args.seed)]
+    parts += ["--warmup", str(args.warmup), "--out", args.out]
+    return shlex.join(parts)
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    import torch
+
+    import fastdecode
+    from fastdecode.bench.metrics import failing_methods, summarize
+    from fastdecode.bench.peers import PeerSetup, check_peer_names, make_peers
+    from fastdecode.bench.plots import write_plots
+    from fastdecode.bench.provenance import provenance
+    from fastdecode.bench.report import now, print_table, write_outputs
+    from fastdecode.bench.runner import run_bench
+
+    # 1. everything that needs no model
+    settings = BenchSettings(
+        method_specs(args.methods, args.opt), args.max_new_tokens, args.temperature, args.warmup, args.seed, args.peer_per_category
+    ).validate()
+    peer_names = split_list(args.peers)
+    check_peer_names(peer_names)
+    per_category = default_per_category(args.workload, args.per_category)
+    workload = load_workload(args.workload, args.seed)
+    if args.categories:
+        workload = workload.only(split_list(args.categories))
+    out = Path(args.out)
+    if (out / RESULTS).exists() and not args.resume:
+        raise ValueError(f"{out / RESULTS} exists: pass --resume to continue it, or choose another --out")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+    # 2. the model, and the prompts that fit its context
+    gen = fastdecode.load(args.model, device=args.device, dtype=args.dtype)
+    context = gen.engine.context_length
+    workload, skipped = workload.select(
+        per_category, lambda p: len(gen.prompt_ids(p.turns[0], raw=p.raw)) + settings.max_new_tokens <= context
+    )
+    if skipped:
+        print(f"bench: {skipped} prompt(s) longer than the context ({context} tokens) skipped", file=sys.stderr)
+    if not workload.prompts:
+        raise ValueError("no prompt of the workload fits the model's context")
+
+    record = {
+        "provenance": provenance(gen.device, gen.dtype),
+        "setup": {"model": args.model, "workload": args.workload, "max_new_tokens": settings.max_new_tokens,
+                  "temperature": settings.temperature, "seed": settings.seed, "top_logits": TOP_K},
+    }
+    notice = lambda msg: print(f"bench: {msg}", file=sys.stderr)  # noqa: E731
+    peers = []
+    if peer_names and gen.source is not None:
+        setup = PeerSetup(gen.source, gen.dtype, gen.device, torch.get_num_threads(), gen.tokenizer.eos_ids, context,
+                          Path(args.assistant) if args.assistant else None)
+        peers = make_peers(peer_names, setup, notice)
+
+    # 3. run, summarize, report
+    rows = run_bench(gen, workload, settings, out, record, peers, resume=args.resume, progress=not args.no_progress)
+    summary = summarize(rows)
+    meta = {**record, "command": command_line(args), "date": now(), "prompts": len({r["prompt_id"] for r in rows}), "warmup": args.warmup}
+    plots = write_plots(summary, out, f"{args.model}, {args.workload}, {record['provenance']['dtype']}")
+    write_outputs(out, summary, meta, plots)
+    print_table(summary)
+    print(f"bench: wrote {out / RESULTS}, {out / 'summary.json'}, {out / 'report.md'} and {len(plots)} plots", file=sys.stderr)
+    fails = failing_methods(summary)
+    if fails:
+        print(f"bench: FAIL: lossless method(s) diverged from ar beyond a numeric tie: {', '.join(fails)}", file=sys.stderr)
+        return 1
+    return 0
