@@ -275,4 +275,9 @@ def load(model: str = "smollm2", device: str | None = None, dtype: str | None = 
         cfg = replace(cfg, max_position=min(context, cfg.max_position))
     net = build_model(cfg, state, dt, dev)
     tokenizer = Tokenizer(source)
+    if dev.type == "cuda" and os.environ.get("FASTDECODE_CUDA_GRAPHS", "1") != "0":
+        from fastdecode.cuda_graphs import GraphRunner
+
+        # forwards replay CUDA graphs: launching kernels one by one costs more than the model itself
+        return Generator(GraphRunner(net), tokenizer, source)  # type: ignore[arg-type]
     return Generator(net, tokenizer, source)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -44,6 +45,7 @@ class GenerationStats:
     host_s: float = 0.0
     wall_s: float = 0.0  # prefill included
     cache_bytes: int = 0  # what the engine allocated for the KV cache
+    capture_s: float = 0.0  # CUDA-graph capture and compilation inside this generation (included in wall_s)
     finish_reason: str = ""  # "stop" (EOS or a stop string) or "length" (max_new_tokens)
     trace: list[StepTrace] = field(default_factory=list)
     # with Engine.generate(..., top_logits=k): per emitted token, the target's top-k (ids, logits) at its row
@@ -78,6 +80,7 @@ class GenerationStats:
             "host_s": round(self.host_s, 6),
             "wall_s": round(self.wall_s, 6),
             "cache_bytes": self.cache_bytes,
+            "capture_s": round(self.capture_s, 6),
             "finish_reason": self.finish_reason,
         }
 
@@ -139,6 +142,7 @@ class Engine:
     def __init__(self, model: LlamaModel):
         self.model = model
         self.cache: KVCache | None = None  # the current generation's cache (tests look at it)
+        self.tokenizer: Any = None  # set by the API: drafters that calibrate on text (layerskip) read it
 
     @property
     def context_length(self) -> int:
@@ -166,6 +170,8 @@ class Engine:
     ) -> Iterator[list[int]]:
         """Yield the emitted tokens of each step; fill `stats` as it goes. Batch 1."""
         model, dev = self.model, self.model.device
+        in_dev = getattr(model, "input_device", dev)  # a CUDA-graph runner takes its inputs on the host
+        capture0 = getattr(model, "capture_seconds", 0.0)
         self.check_request(len(prompt_ids), stop.max_new_tokens)
         params.validate()
         generator = None
@@ -174,15 +180,17 @@ class Engine:
             generator.manual_seed(params.seed)
         max_len = min(self.context_length, len(prompt_ids) + stop.max_new_tokens + CACHE_SLACK)
         t_start = time.perf_counter()
-        cache = self.cache = model.new_cache(batch=1, length=max_len)
+        # a CUDA-graph runner keeps the target's cache in storage its graphs point at; drafters get their own
+        new_cache = getattr(model, "new_target_cache", model.new_cache)
+        cache = self.cache = new_cache(batch=1, length=max_len)
         stats.cache_bytes = cache.nbytes
         stats.prompt_tokens = len(prompt_ids)
 
         # 0. prefill: every prompt token but the last goes into the cache; the last one is pending
         with torch.inference_mode():
             if len(prompt_ids) > 1:
-                ids = torch.tensor([prompt_ids[:-1]], device=dev)
-                model(ids, torch.arange(ids.shape[1], device=dev)[None], cache, hidden_only=True)
+                ids = torch.tensor([prompt_ids[:-1]], device=in_dev)
+                model(ids, torch.arange(ids.shape[1], device=in_dev)[None], cache, hidden_only=True)
         drafter.reset(list(prompt_ids))
         _sync(dev)
         stats.prefill_s = time.perf_counter() - t_start
@@ -225,13 +233,14 @@ class Engine:
                 full[1 + m :] = proposal.extra_mask
                 mask = full
             with torch.inference_mode():
-                ids = torch.tensor([row_tokens], device=dev)
-                pos = torch.tensor([row_pos], device=dev)
-                logits, _ = model(ids, pos, cache, None if mask is None else mask.to(dev)[None])
+                ids = torch.tensor([row_tokens], device=in_dev)
+                pos = torch.tensor([row_pos], device=in_dev)
+                logits, _ = model(ids, pos, cache, None if mask is None else mask.to(in_dev)[None])
                 logits = logits[0]  # (1+m+e, V)
                 # 3. the verdict: the longest valid path plus the bonus token
                 if generator is None:
-                    choice = choose_tokens(logits[: 1 + m], pos[0, : 1 + m], params).tolist()
+                    row_pos_t = pos[0, : 1 + m] if params.greedy else pos[0, : 1 + m].to(logits.device)  # greedy ignores them
+                    choice = choose_tokens(logits[: 1 + m], row_pos_t, params).tolist()
                     verdict = verify_match(proposal, choice)
                 else:
                     verdict = verify_rejection(proposal, target_probs(logits[: 1 + m], params), generator)
@@ -269,6 +278,7 @@ class Engine:
                 StepTrace(1 + m + e, len(verdict.path), len(emitted), (t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6)
             )
             stats.wall_s = time.perf_counter() - t_start
+            stats.capture_s = getattr(model, "capture_seconds", 0.0) - capture0
             if emitted:
                 yield emitted
         stats.finish_reason = stopper.reason or ""

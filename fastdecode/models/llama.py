@@ -126,7 +126,7 @@ class Attention(nn.Module):
             S = mask.shape[-1]
             mask = mask[:, :, None].expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, kvh, rep*T, hd)
-        out = out.view(B, cfg.num_heads, T, cfg.head_dim)  # (B, h, T, hd)
+        out = out.reshape(B, cfg.num_heads, T, cfg.head_dim)  # (B, h, T, hd); CUDA kernels may return it strided
         return self.o_proj(out.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim))
 
 

@@ -1,0 +1,493 @@
+"""Static shapes and CUDA graphs for the target's forward on a GPU.
+
+On a GPU the model is small next to the host's cost of launching its ~750 kernels one by one (~20 ms a
+forward on the H200 machine, whatever the width), so every forward the decode loop runs is replayed from a
+captured CUDA graph instead. `GraphRunner` wraps a `LlamaModel` and keeps its call signature
+(`runner(tokens, positions, cache, mask) -> (logits, hidden)`, plus `.cfg`, `.device`, `.dtype`,
+`.new_cache`), so the drafters and the verifier do not know it is there; the engine asks it for the target's
+cache with `new_target_cache`.
+
+How a forward becomes static:
+- Width buckets: a forward of T rows runs the graph of the smallest bucket >= T (1, 2, 4, … 64; prefill
+  chunks 128 … 2048). Padded rows read token 0 at position 0 and write their K/V to a scratch slot past the
+  end of the cache, which no real row ever attends to and nothing ever keeps.
+- Attention covers the cache in use, never the whole preallocated cache: the fused decode kernels read
+  `start` on the device and stop there; the torch path reads up to a span bucket (a power of two >= 256
+  covering start + T) with an additive bias that hides the rows past the end.
+- Static inputs: token ids, positions, write slots and (for trees) the mask live in one device buffer,
+  filled by one host-to-device copy per forward; the K/V rows are written with `index_copy_` at the slots.
+- One KV storage per runner: `new_target_cache` hands out a `KVCache` over it, so the captured graphs keep
+  pointing at the same memory from one generation to the next. `new_cache` (what drafters call for caches
+  of their own) gives a separate plain cache, and forwards into it run the model without graphs.
+- Fusion: decode forwards (<= 64 rows) in bf16/fp16 run the fused Triton kernels of triton_kernels.py, five
+  per layer, with fp32 logits; other forwards (prefill chunks, fp32) run PyTorch's kernels with RMSNorm, RoPE,
+  SiLU·mul and the attention bias fused by `torch.compile` (default mode). q/k/v and gate/up use one
+  concatenated weight each.
+
+What it must never do: decide anything about drafting, or change what the model computes (only how its
+kernels are launched). On the CPU it runs the same static code eagerly (no capture), which is how the
+tests check it against `LlamaModel` there; `layers=` calls and foreign caches fall back to the model itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+
+from fastdecode.cache import KVCache
+from fastdecode.models.llama import Block, LlamaModel, ModelConfig
+
+WIDTHS = (1, 2, 4, 8, 16, 32, 64)  # verify / AR forwards, padded up to one of these
+PREFILL_WIDTHS = (128, 256, 512, 1024, 2048)  # prefill chunks; longer prompts run in several chunks
+MIN_SPAN = 256  # the smallest cache span attention reads; spans are powers of two from here
+
+
+def width_bucket(t: int) -> int:
+    for w in (*WIDTHS, *PREFILL_WIDTHS):
+        if t <= w:
+            return w
+    raise ValueError(f"no width bucket holds {t} rows (max {PREFILL_WIDTHS[-1]})")
+
+
+def span_bucket(need: int, cap: int) -> int:
+    s = MIN_SPAN
+    while s < need:
+        s *= 2
+    return min(s, cap)
+
+
+# ---------------------------------------------------------------- the fusable pieces (pure functions)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()  # fp32 statistics, cast back before the weight, as the reference does
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x + h
+    return x, rms_norm(x, w, eps)
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+def rope_split(
+    qkv: torch.Tensor,  # (T, (h + 2·kvh)·hd)
+    cos: torch.Tensor,  # (T, hd)
+    sin: torch.Tensor,
+    h: int,
+    kvh: int,
+    hd: int,
+    qn: torch.Tensor | None,  # Qwen3's per-head norms of q and k, or None
+    kn: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> q grouped by kv head (1, kvh, T·rep, hd), k (1, kvh, T, hd) rotated, v (1, kvh, T, hd)."""
+    T = qkv.shape[0]
+    q = qkv[:, : h * hd].view(T, h, hd)
+    k = qkv[:, h * hd : (h + kvh) * hd].view(T, kvh, hd)
+    v = qkv[:, (h + kvh) * hd :].view(T, kvh, hd)
+    if qn is not None and kn is not None:
+        q, k = rms_norm(q, qn, eps), rms_norm(k, kn, eps)
+    c, s = cos[:, None], sin[:, None]  # (T, 1, hd)
+    q = q * c + torch.cat((-q[..., hd // 2 :], q[..., : hd // 2]), dim=-1) * s
+    k = k * c + torch.cat((-k[..., hd // 2 :], k[..., : hd // 2]), dim=-1) * s
+    rep = h // kvh
+    # query head j·rep + r shares kv head j: rows (t, r) of kv head j become one sequence of T·rep rows,
+    # so attention runs as plain multi-head attention over the cache without copying K/V per query head
+    qg = q.view(T, kvh, rep, hd).permute(1, 0, 2, 3).reshape(1, kvh, T * rep, hd).contiguous()
+    return qg, k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+
+
+def attention_bias(
+    start: torch.Tensor,  # () int64: the first slot the new rows write
+    tmask: torch.Tensor,  # (Tb, Tb) bool: which new rows each new row sees
+    cols: torch.Tensor,  # (S,) int64: 0 .. S-1
+    rep: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """(1, 1, Tb·rep, S) additive bias: 0 where row i may attend to cache slot c, -inf elsewhere."""
+    Tb = tmask.shape[0]
+    rel = cols - start  # (S,) position among the new rows
+    inside = (rel >= 0) & (rel < Tb)
+    seen = tmask[:, rel.clamp(0, Tb - 1)] & inside  # (Tb, S)
+    seen = seen | (rel < 0)  # the cache before `start` is always visible
+    bias = torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill(~seen, float("-inf"))
+    return bias.repeat_interleave(rep, dim=0)[None, None]  # (1, 1, Tb·rep, S)
+
+
+def out_merge(o: torch.Tensor, T: int) -> torch.Tensor:
+    """(1, kvh, T·rep, hd) attention output -> (T, h·hd) in the model's head order."""
+    _, kvh, Tr, hd = o.shape
+    return o.view(kvh, T, Tr // T, hd).permute(1, 0, 2, 3).reshape(T, -1)
+
+
+# ---------------------------------------------------------------- the cache the graphs point at
+
+
+class StaticKVCache(KVCache):
+    """A `KVCache` over the runner's storage (the last slot is the scratch row of padded writes)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, max_len: int):  # the fields of KVCache, over given storage
+        self.k, self.v = k, v
+        self.max_len = max_len
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+@dataclass
+class _Graph:
+    graph: Any  # torch.cuda.CUDAGraph, or None where forwards run eagerly
+    run: Callable[[], tuple[torch.Tensor | None, torch.Tensor]]
+    logits: torch.Tensor | None  # (Tb, V) fp32, the captured output
+    hidden: torch.Tensor  # (Tb, D)
+
+
+class GraphRunner:
+    """A `LlamaModel` whose forwards replay CUDA graphs; same call signature as the model."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        use_graphs: bool | None = None,
+        compile: bool | None = None,
+        kernels: str | None = None,  # "triton" (fused decode kernels) or "torch"; default: triton where it can run
+        verbose: bool = True,
+    ):
+        self.model = model
+        self.cfg: ModelConfig = model.cfg
+        on_gpu = model.device.type == "cuda"
+        self.use_graphs = on_gpu if use_graphs is None else use_graphs
+        if compile is None:
+            compile = on_gpu and os.environ.get("FASTDECODE_COMPILE", "1") != "0"
+        if kernels is None:
+            kernels = os.environ.get("FASTDECODE_KERNELS", "triton" if on_gpu else "torch")
+        if kernels == "triton" and not self._triton_fits(model):
+            kernels = "torch"
+        self.kernels = kernels
+        # tuning of the fused kernels (measured on the H200: scripts/gpu_forward_timing.py)
+        self.attn_block_s = int(os.environ.get("FASTDECODE_ATTN_BLOCK", "32"))
+        self.attn_splits = int(os.environ.get("FASTDECODE_ATTN_SPLITS", "32"))  # 0: one pass over the cache per kv head
+        self.triton_max_width = int(os.environ.get("FASTDECODE_TRITON_MAX_WIDTH", "64"))  # wider forwards: torch kernels
+        self.lin_block_k = int(os.environ.get("FASTDECODE_LIN_BK", "128"))
+        self.lin_block_n = int(os.environ.get("FASTDECODE_LIN_BN", "16"))
+        self.verbose = verbose
+        self.capture_seconds = 0.0  # capture + compilation, all graphs so far
+        self.graphs: dict[tuple[int, int, bool, bool], _Graph] = {}  # (width, span, causal, logits) -> graph
+        self.last_key: tuple[int, int, bool, bool] | None = None
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._storage: tuple[torch.Tensor, torch.Tensor] | None = None
+        cfg = self.cfg
+        blocks = self._blocks = cast("list[Block]", list(model.layers))
+        with torch.no_grad():
+            self._w_qkv = [
+                torch.cat([b.self_attn.q_proj.weight, b.self_attn.k_proj.weight, b.self_attn.v_proj.weight]) for b in blocks
+            ]
+            self._b_qkv = (
+                [torch.cat([b.self_attn.q_proj.bias, b.self_attn.k_proj.bias, b.self_attn.v_proj.bias]) for b in blocks]
+                if cfg.attention_bias
+                else [None] * cfg.num_layers
+            )
+            self._w_gu = [torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight]) for b in blocks]
+            if self.kernels == "triton":  # the fused kernels take RMSNorm weights folded into the next matmul
+                self._w_qkv_n = [w * b.input_layernorm.weight[None, :] for w, b in zip(self._w_qkv, blocks, strict=True)]
+                self._w_gu_n = [w * b.post_attention_layernorm.weight[None, :] for w, b in zip(self._w_gu, blocks, strict=True)]
+                self._w_lm_n = model.lm_head.weight * model.norm.weight[None, :]
+        self._cap = -(-cfg.max_position // 64) * 64  # cache slots attention may read; slot `_cap` is scratch
+        maxw = PREFILL_WIDTHS[-1]
+        self._ints = torch.zeros(3 * maxw + WIDTHS[-1] ** 2, dtype=torch.int64, device=model.device)  # ids|pos|slots|mask
+        self._cols = torch.arange(self._cap, device=model.device)
+        self._tril: dict[int, torch.Tensor] = {}
+        fns: dict[str, Callable[..., Any]] = dict(
+            rms_norm=rms_norm, add_rms_norm=add_rms_norm, silu_mul=silu_mul, rope_split=rope_split, attention_bias=attention_bias
+        )
+        if compile:
+            fns = {name: torch.compile(cast(Callable[..., Any], fn), dynamic=True) for name, fn in fns.items()}
+        self._fn = fns
+
+    # ------------------------------------------------------------ what the engine and drafters see
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where the engine should build token ids and positions: the host, so one copy carries them all."""
+        return torch.device("cpu")
+
+    def __getattr__(self, name: str) -> Any:  # layers, embed_tokens, lm_head, rope tables …
+        if name == "model":
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def new_cache(self, batch: int, length: int, layers: int | None = None) -> KVCache:
+        """A plain cache, as the model gives (drafters' own caches); forwards into it run without graphs."""
+        return self.model.new_cache(batch, length, layers)
+
+    def new_target_cache(self, batch: int, length: int) -> KVCache:
+        """The target's cache, over the runner's own storage, which the graphs point at (the engine's).
+        Each call hands the same storage out again: the previous generation's cache is then stale."""
+        if batch != 1:
+            return self.model.new_cache(batch, length)
+        if self._storage is None:
+            cfg = self.cfg
+            shape = (cfg.num_layers, 1, cfg.num_kv_heads, self._cap + 1, cfg.head_dim)
+            self._storage = (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+        k, v = self._storage
+        return StaticKVCache(k, v, min(length, self.cfg.max_position))
+
+    def __call__(
+        self,
+        tokens: torch.Tensor,  # (1, T)
+        positions: torch.Tensor,  # (1, T)
+        cache: KVCache,
+        mask: torch.Tensor | None = None,  # (1, T, T) bool among the new rows; None = causal
+        num_logits: int | None = None,
+        layers: Sequence[int] | None = None,
+        hidden_only: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Same contract as `LlamaModel.forward`. The returned tensors are views of the graph's outputs:
+        valid until the next call."""
+        B, T = tokens.shape
+        foreign = self._storage is None or cache.k is not self._storage[0]
+        if layers is not None or B != 1 or foreign or (mask is not None and T > WIDTHS[-1]):
+            return self.model(tokens.to(self.device), positions.to(self.device), cache, None if mask is None else mask.to(self.device),
+                              num_logits, layers, hidden_only)
+        start = cache.length
+        if start + T > cache.max_len:
+            raise ValueError(f"the KV cache holds {cache.max_len} rows; {start} used, {T} more asked")
+        with torch.no_grad():
+            if T <= WIDTHS[-1]:
+                logits, hidden = self._forward(tokens[0], positions[0], start, mask, want_logits=not hidden_only)
+                cache.length = start + T
+            else:  # prefill: chunks of at most PREFILL_WIDTHS[-1] rows, each causal over the cache before it
+                hs = []
+                step = PREFILL_WIDTHS[-1]
+                for a in range(0, T, step):
+                    _, h = self._forward(tokens[0, a : a + step], positions[0, a : a + step], cache.length, None, want_logits=False)
+                    cache.length += h.shape[0]
+                    hs.append(h if T <= step else h.clone())
+                hidden = hs[0] if len(hs) == 1 else torch.cat(hs)
+                logits = None
+                if not hidden_only:
+                    rows = hidden if num_logits is None else hidden[-num_logits:]
+                    logits = self.model.lm_head(rows).float()
+                    num_logits = None
+        hidden = hidden[None]
+        if hidden_only:
+            return None, hidden
+        assert logits is not None
+        logits = logits[None]
+        if num_logits is not None:
+            logits = logits[:, -num_logits:]
+        return logits, hidden
+
+    # ------------------------------------------------------------ static forwards
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, start: int, mask: torch.Tensor | None, want_logits: bool):
+        """Fill the static inputs, run (capturing first if new) the graph of this bucket; -> views (T, …)."""
+        T = tokens.shape[0]
+        Tb = width_bucket(T)
+        # the fused attention reads `start` on the device and covers exactly the cache in use: no span buckets
+        Sb = 0 if self._fused(Tb) else span_bucket(start + T, self._cap)
+        causal = mask is None
+        pad = Tb - T
+        ids = torch.cat((tokens.to("cpu", torch.int64), torch.zeros(pad, dtype=torch.int64)))
+        pos = torch.cat((positions.to("cpu", torch.int64), torch.zeros(pad, dtype=torch.int64)))
+        slots = torch.cat((torch.arange(start, start + T), torch.full((pad,), self._cap)))
+        parts = [ids, pos, slots]
+        if not causal:
+            assert mask is not None
+            m = torch.eye(Tb, dtype=torch.int64)
+            m[:T, :T] = mask.reshape(T, T).to("cpu", torch.int64)
+            parts.append(m.view(-1))
+        host = torch.cat(parts)
+        self._ints[: host.shape[0]].copy_(host, non_blocking=False)
+        key = self.last_key = (Tb, Sb, causal, want_logits)
+        g = self.graphs.get(key)
+        if g is None:
+            try:
+                g = self._capture(key)
+            except Exception as e:  # noqa: BLE001 - a kernel that cannot build here must not stop generation
+                if self.kernels != "triton":
+                    raise
+                msg = f"fastdecode: fused Triton kernels failed ({type(e).__name__}: {e}); using torch kernels"
+                print(msg, file=sys.stderr, flush=True)
+                self.kernels = "torch"
+                self.graphs.clear()
+                return self._forward(tokens, positions, start, mask, want_logits)
+        if g.graph is not None:
+            g.graph.replay()
+            logits, hidden = g.logits, g.hidden
+        else:
+            logits, hidden = g.run()
+        return (None if logits is None else logits[:T]), hidden[:T]
+
+    def _fused(self, Tb: int) -> bool:
+        return self.kernels == "triton" and Tb <= min(WIDTHS[-1], self.triton_max_width)
+
+    @staticmethod
+    def _triton_fits(model: LlamaModel) -> bool:
+        from fastdecode import triton_kernels
+
+        cfg = model.cfg
+        hd = cfg.head_dim
+        return (
+            triton_kernels.available()
+            and model.device.type == "cuda"
+            and model.dtype in (torch.bfloat16, torch.float16)
+            and not cfg.qk_norm
+            and not cfg.attention_bias
+            and hd >= 32
+            and hd & (hd - 1) == 0
+        )
+
+    def _triton_forward(self, Tb: int, causal: bool, want_logits: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The decode forward in fused Triton kernels: five launches per layer (see triton_kernels.py)."""
+        from fastdecode import triton_kernels as tk
+
+        cfg, m = self.cfg, self.model
+        h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        ints = self._ints
+        ids, pos, slots = ints[:Tb], ints[Tb : 2 * Tb], ints[2 * Tb : 3 * Tb]
+        mask = None if causal else ints[3 * Tb : 3 * Tb + Tb * Tb]
+        x = m.embed_tokens(ids)  # (Tb, D), the residual stream, updated in place
+        q = torch.empty(Tb, h, hd, dtype=x.dtype, device=x.device)
+        o = torch.empty(Tb, h * hd, dtype=x.dtype, device=x.device)
+        mid = torch.empty(Tb, cfg.intermediate_size, dtype=x.dtype, device=x.device)
+        ns = self.attn_splits
+        partials = None
+        if ns:
+            f32 = dict(dtype=torch.float32, device=x.device)
+            partials = (torch.empty(ns, Tb * h, hd, **f32), torch.empty(ns, Tb * h, **f32), torch.empty(ns, Tb * h, **f32))
+        bk, bn = self.lin_block_k, self.lin_block_n
+        k_all, v_all = self._storage  # type: ignore[misc]
+        for li, block in enumerate(self._blocks):
+            kc, vc = k_all[li, 0], v_all[li, 0]  # (kvh, cap+1, hd)
+            rope = (m.rope_cos, m.rope_sin, pos, slots, kc, vc, h, kvh, hd)
+            tk.fused_linear(x, self._w_qkv_n[li], q, tk.ROPE, norm_eps=cfg.rms_eps, rope=rope, block_k=bk)
+            if partials is None:
+                tk.attention(q, kc, vc, o, slots, mask, block_s=self.attn_block_s)
+            else:
+                tk.attention_split(q, kc, vc, o, slots, mask, partials, block_s=self.attn_block_s)
+            tk.fused_linear(o, block.self_attn.o_proj.weight, x, tk.RESIDUAL, res=x, block_n=bn, block_k=bk)
+            tk.fused_linear(x, self._w_gu_n[li], mid, tk.SILU, norm_eps=cfg.rms_eps, block_n=bn, block_k=bk)
+            tk.fused_linear(mid, block.mlp.down_proj.weight, x, tk.RESIDUAL, res=x, block_n=bn, block_k=2 * bk)
+        hidden = self._fn["rms_norm"](x, m.norm.weight, cfg.rms_eps)
+        logits = None
+        if want_logits:  # fp32 logits straight from the fp32 accumulator: bf16 rounding would tie near-equal logits
+            logits = torch.empty(Tb, cfg.vocab_size, dtype=torch.float32, device=x.device)
+            tk.fused_linear(x, self._w_lm_n, logits, tk.STORE, norm_eps=cfg.rms_eps, block_n=128, block_k=bk)
+        return logits, hidden
+
+    def _static_forward(self, Tb: int, Sb: int, causal: bool, want_logits: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The forward of the model over the static inputs of bucket (Tb, Sb): what a graph captures."""
+        if self._fused(Tb):
+            return self._triton_forward(Tb, causal, want_logits)
+        cfg, fn, m = self.cfg, self._fn, self.model
+        h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        rep = h // kvh
+        ints = self._ints
+        ids, pos, slots = ints[:Tb], ints[Tb : 2 * Tb], ints[2 * Tb : 3 * Tb]
+        if causal:
+            tmask = self._tril.get(Tb)
+            if tmask is None:
+                tmask = self._tril[Tb] = torch.ones(Tb, Tb, dtype=torch.bool, device=self.device).tril_()
+        else:
+            tmask = ints[3 * Tb : 3 * Tb + Tb * Tb].view(Tb, Tb).bool()
+        bias = fn["attention_bias"](slots[0], tmask, self._cols[:Sb], rep, self.dtype)  # (1, 1, Tb·rep, Sb)
+        x = m.embed_tokens(ids)  # (Tb, D)
+        cos = m.rope_cos[pos].to(x.dtype)  # (Tb, hd)
+        sin = m.rope_sin[pos].to(x.dtype)
+        k_all, v_all = self._storage  # type: ignore[misc]
+        res: torch.Tensor | None = None
+        for li, block in enumerate(self._blocks):
+            attn = block.self_attn
+            if res is None:
+                xn = fn["rms_norm"](x, block.input_layernorm.weight, cfg.rms_eps)
+            else:
+                x, xn = fn["add_rms_norm"](x, res, block.input_layernorm.weight, cfg.rms_eps)
+            qkv = F.linear(xn, self._w_qkv[li], self._b_qkv[li])  # (Tb, (h+2kvh)·hd)
+            qn = attn.q_norm.weight if cfg.qk_norm else None
+            kn = attn.k_norm.weight if cfg.qk_norm else None
+            q, k, v = fn["rope_split"](qkv, cos, sin, h, kvh, hd, qn, kn, cfg.rms_eps)
+            kc, vc = k_all[li], v_all[li]  # (1, kvh, cap+1, hd)
+            kc.index_copy_(2, slots, k)
+            vc.index_copy_(2, slots, v)
+            o = F.scaled_dot_product_attention(q, kc[:, :, :Sb], vc[:, :, :Sb], attn_mask=bias)  # (1, kvh, Tb·rep, hd)
+            a = F.linear(out_merge(o, Tb), attn.o_proj.weight)  # (Tb, D)
+            x, xn = fn["add_rms_norm"](x, a, block.post_attention_layernorm.weight, cfg.rms_eps)
+            res = F.linear(fn["silu_mul"](F.linear(xn, self._w_gu[li])), block.mlp.down_proj.weight)
+        assert res is not None
+        _, hidden = fn["add_rms_norm"](x, res, m.norm.weight, cfg.rms_eps)
+        logits = F.linear(hidden, m.lm_head.weight).float() if want_logits else None
+        return logits, hidden
+
+    def _capture(self, key: tuple[int, int, bool, bool]) -> _Graph:
+        Tb, Sb, causal, want_logits = key
+        t0 = time.perf_counter()
+
+        def run() -> tuple[torch.Tensor | None, torch.Tensor]:
+            return self._static_forward(Tb, Sb, causal, want_logits)
+
+        if not self.use_graphs:
+            g = _Graph(None, run, None, torch.empty(0))
+            self.graphs[key] = g
+            return g
+        # warm-up on a side stream (compiles the fused pieces); it computes exactly what the replay will
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits, hidden = run()
+        torch.cuda.synchronize(self.device)
+        g = _Graph(graph, run, logits, hidden)
+        self.graphs[key] = g
+        dt = time.perf_counter() - t0
+        self.capture_seconds += dt
+        if self.verbose:
+            what = f"width {Tb}" + (f" span {Sb}" if Sb else "") + ("" if causal else " tree")
+            print(f"fastdecode: captured CUDA graph {what} in {dt:.2f} s", file=sys.stderr, flush=True)
+        return g
+
+    def warmup(
+        self, widths: Sequence[int] = WIDTHS, spans: Sequence[int] = (MIN_SPAN, 2 * MIN_SPAN, 4 * MIN_SPAN), trees: bool = False
+    ) -> float:
+        """Capture the graphs of these buckets now (seconds spent returned), so generation never waits on them."""
+        t0 = time.perf_counter()
+        cache = self.new_target_cache(1, self.cfg.max_position)
+        with torch.no_grad():
+            for Sb in spans:
+                for w in widths:
+                    start = max(0, min(Sb, self._cap) - w)
+                    for causal in (True, False) if trees else (True,):
+                        mask = None if causal else torch.ones(1, w, w, dtype=torch.bool).tril()
+                        cache.length = start
+                        self._forward(torch.zeros(w, dtype=torch.int64), torch.arange(start, start + w), start, mask, want_logits=True)
+        cache.length = 0
+        return time.perf_counter() - t0

@@ -1,0 +1,316 @@
+"""Fused Triton kernels for the decode forward (1 to 64 rows): five launches per layer instead of ~12.
+
+On the H200 machine a kernel in a CUDA graph costs ~3-4 us whatever it does, and a decode forward of
+SmolLM2-135M moves only ~270 MB, so the forward's time is the number of kernels. These fuse:
+
+- `fused_linear`: y = [RMSNorm](A) @ W^T with one of four epilogues: store; SiLU(gate)·up; residual add
+  (in place); RoPE on q/k with k and v written straight into the KV cache at their slots.
+  The RMSNorm weight is folded into W by the caller (W' = W · w), the row scale is computed in the kernel.
+- `attention`: grouped-query attention of the new rows over the cache, the visibility (cache before
+  `start`, then the tree mask among the new rows) computed in the kernel from `start` and the mask.
+
+`start` and the slots are read from device memory, so a captured graph stays valid as the cache grows.
+Needs Triton (present wherever PyTorch has CUDA); `available()` says whether it can be used here. The
+kernels run under TRITON_INTERPRET=1 on a CPU too, which is how they are checked without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the runner uses its torch path
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+
+STORE, SILU, RESIDUAL, ROPE = 0, 1, 2, 3  # epilogues of fused_linear
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fused_linear_kernel(
+        a_ptr, stride_am,  # A (M, K), K contiguous
+        w_ptr, stride_wn,  # W (N_all, K), K contiguous
+        out_ptr, stride_om,  # STORE / SILU / RESIDUAL: (M, N); ROPE: q (M, NQ, HD)
+        res_ptr, stride_rm,  # RESIDUAL: the residual stream (may be out_ptr itself)
+        cos_ptr, sin_ptr, pos_ptr, slot_ptr,  # ROPE: tables (P, HD), positions (M,), cache slots (M,)
+        kc_ptr, vc_ptr, stride_ch,  # ROPE: this layer's K and V cache, (kvh, S, HD) with head stride
+        M, N, K, eps,
+        NORM: tl.constexpr, EPI: tl.constexpr, OFF2: tl.constexpr,
+        NQ: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        if EPI == 3:
+            col0 = pid_n * HD  # one head per program: columns d and d + HD/2 rotate together
+        else:
+            col0 = pid_n * BLOCK_N
+        rn = col0 + tl.arange(0, BLOCK_N)
+        m_ok = rm < M
+        n_ok = rn < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K
+            a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if NORM:
+                af = a.to(tl.float32)
+                ss += tl.sum(af * af, 1)
+            w = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)  # (BK, BN)
+            acc = tl.dot(a, w, acc)
+            if EPI == 1 or EPI == 3:
+                w2 = tl.load(w_ptr + (rn + OFF2)[None, :] * stride_wn + rk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+                acc2 = tl.dot(a, w2, acc2)
+        if NORM:
+            scale = 1.0 / tl.sqrt(ss / K + eps)
+            acc = acc * scale[:, None]
+            acc2 = acc2 * scale[:, None]
+        if EPI == 0:
+            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        elif EPI == 1:
+            y = acc / (1.0 + tl.exp(-acc)) * acc2
+            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        elif EPI == 2:
+            r = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            y = r.to(tl.float32) + acc
+            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        else:  # ROPE: program pid_n is q head pid_n, then k heads, then v heads
+            d = tl.arange(0, BLOCK_N)  # BLOCK_N == HD // 2
+            x1 = acc.to(a_ptr.dtype.element_ty).to(tl.float32)  # the projection rounds as the model's does
+            x2 = acc2.to(a_ptr.dtype.element_ty).to(tl.float32)
+            if pid_n < NQ + NKV:
+                pos = tl.load(pos_ptr + rm, mask=m_ok, other=0)
+                c = tl.load(cos_ptr + pos[:, None] * HD + d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+                s = tl.load(sin_ptr + pos[:, None] * HD + d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+                y1 = x1 * c - x2 * s
+                y2 = x2 * c + x1 * s
+            else:
+                y1 = x1
+                y2 = x2
+            if pid_n < NQ:
+                base = out_ptr + rm[:, None] * (NQ * HD) + pid_n * HD + d[None, :]
+                tl.store(base, y1.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
+                tl.store(base + HD // 2, y2.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
+            else:
+                slot = tl.load(slot_ptr + rm, mask=m_ok, other=0)
+                if pid_n < NQ + NKV:
+                    base = kc_ptr + (pid_n - NQ) * stride_ch + slot[:, None] * HD + d[None, :]
+                else:
+                    base = vc_ptr + (pid_n - NQ - NKV) * stride_ch + slot[:, None] * HD + d[None, :]
+                tl.store(base, y1.to(kc_ptr.dtype.element_ty), mask=m_ok[:, None])
+                tl.store(base + HD // 2, y2.to(kc_ptr.dtype.element_ty), mask=m_ok[:, None])
+
+    @triton.jit
+    def _attention_kernel(
+        q_ptr,  # (T, NQ, HD)
+        kc_ptr, vc_ptr, stride_ch,  # this layer's cache, (kvh, S, HD) with head stride
+        o_ptr,  # (T, NQ·HD)
+        slot_ptr,  # (T,) int64: slot_ptr[0] is `start`, the first slot of the new rows
+        mask_ptr,  # (T, T) int64 visibility among the new rows (ignored when CAUSAL)
+        T, S, sm_scale,
+        CAUSAL: tl.constexpr, REP: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        kvh = tl.program_id(0)
+        r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows (t, rep) of this kv head
+        t = r // REP
+        h = kvh * REP + r % REP
+        r_ok = t < T
+        d = tl.arange(0, HD)
+        q = tl.load(q_ptr + t[:, None] * (NQ * HD) + h[:, None] * HD + d[None, :], mask=r_ok[:, None], other=0.0)
+        start = tl.load(slot_ptr)
+        end = start + T
+        m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, HD), dtype=tl.float32)
+        qk_scale = sm_scale * 1.4426950408889634  # exp2
+        for c0 in range(0, end, BLOCK_S):
+            c = c0 + tl.arange(0, BLOCK_S)
+            c_ok = (c < end) & (c < S)  # S: the rows the cache holds (padded rows may reach past them)
+            k = tl.load(kc_ptr + kvh * stride_ch + c[:, None] * HD + d[None, :], mask=c_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_S)
+            rel = c - start
+            new = (rel >= 0) & c_ok
+            if CAUSAL:
+                see_new = rel[None, :] <= t[:, None]
+            else:
+                relc = tl.where(new, rel, 0)
+                see_new = tl.load(mask_ptr + t[:, None] * T + relc[None, :], mask=r_ok[:, None] & new[None, :], other=0) != 0
+            vis = (rel[None, :] < 0) | (new[None, :] & see_new)
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(vc_ptr + kvh * stride_ch + c[:, None] * HD + d[None, :], mask=c_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + t[:, None] * (NQ * HD) + h[:, None] * HD + d[None, :], out.to(o_ptr.dtype.element_ty), mask=r_ok[:, None])
+
+
+    @triton.jit
+    def _attention_split_kernel(
+        q_ptr, kc_ptr, vc_ptr, stride_ch,
+        po_ptr, pm_ptr, pl_ptr,  # partials: o (NSPLIT, T·NQ, HD) fp32, m and l (NSPLIT, T·NQ) fp32
+        slot_ptr, mask_ptr,
+        T, S, sm_scale,
+        CAUSAL: tl.constexpr, REP: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        """Flash-decoding: split `split` of NSPLIT covers an equal share of the cache in use (read on the device)."""
+        kvh = tl.program_id(0)
+        r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        split = tl.program_id(2)
+        nsplit = tl.num_programs(2)
+        t = r // REP
+        h = kvh * REP + r % REP
+        r_ok = t < T
+        d = tl.arange(0, HD)
+        q = tl.load(q_ptr + t[:, None] * (NQ * HD) + h[:, None] * HD + d[None, :], mask=r_ok[:, None], other=0.0)
+        start = tl.load(slot_ptr)
+        end = start + T
+        share = tl.cdiv(tl.cdiv(end, nsplit), BLOCK_S) * BLOCK_S
+        lo = split * share
+        hi = tl.minimum(lo + share, end)
+        m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, HD), dtype=tl.float32)
+        qk_scale = sm_scale * 1.4426950408889634
+        for c0 in range(lo, hi, BLOCK_S):
+            c = c0 + tl.arange(0, BLOCK_S)
+            c_ok = (c < hi) & (c < S)
+            k = tl.load(kc_ptr + kvh * stride_ch + c[:, None] * HD + d[None, :], mask=c_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            rel = c - start
+            new = (rel >= 0) & c_ok
+            if CAUSAL:
+                see_new = rel[None, :] <= t[:, None]
+            else:
+                relc = tl.where(new, rel, 0)
+                see_new = tl.load(mask_ptr + t[:, None] * T + relc[None, :], mask=r_ok[:, None] & new[None, :], other=0) != 0
+            vis = ((rel[None, :] < 0) & c_ok[None, :]) | (new[None, :] & see_new)
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(vc_ptr + kvh * stride_ch + c[:, None] * HD + d[None, :], mask=c_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        row = t * NQ + h  # (t, head) index
+        TN = T * NQ
+        tl.store(po_ptr + (split * TN + row[:, None]) * HD + d[None, :], acc, mask=r_ok[:, None])
+        tl.store(pm_ptr + split * TN + row, m_i, mask=r_ok)
+        tl.store(pl_ptr + split * TN + row, l_i, mask=r_ok)
+
+    @triton.jit
+    def _attention_combine_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, TN, NSPLIT: tl.constexpr, HD: tl.constexpr):
+        row = tl.program_id(0)  # (t, head): o_ptr row-major (T, NQ, HD) is (T·NQ, HD)
+        sp = tl.arange(0, NSPLIT)
+        m = tl.load(pm_ptr + sp * TN + row)
+        l = tl.load(pl_ptr + sp * TN + row)
+        mx = tl.max(m, 0)
+        w = tl.exp2(m - mx)  # splits that saw nothing have l = 0 and weigh nothing
+        d = tl.arange(0, HD)
+        po = tl.load(po_ptr + (sp[:, None] * TN + row) * HD + d[None, :])
+        out = tl.sum(po * w[:, None], 0) / tl.sum(l * w, 0)
+        tl.store(o_ptr + row * HD + d, out.to(o_ptr.dtype.element_ty))
+
+
+def _block_m(m: int) -> int:
+    return 16 if m <= 16 else 32  # 64-row tiles gave wrong results on the H200 (tests/test_gpu.py, 2026-11-29)
+
+
+def fused_linear(
+    a: torch.Tensor,  # (M, K)
+    w: torch.Tensor,  # (N, K), or (2N, K) for SILU (gate rows, then up rows)
+    out: torch.Tensor,
+    epi: int = STORE,
+    norm_eps: float | None = None,  # RMSNorm the rows of `a` first (its weight already folded into w)
+    res: torch.Tensor | None = None,
+    rope: tuple | None = None,  # (cos, sin, pos, slots, k_cache, v_cache, NQ, NKV, HD) for ROPE
+    block_n: int = 32,
+    block_k: int = 64,
+) -> torch.Tensor:
+    M, K = a.shape
+    N = w.shape[0] // 2 if epi == SILU else w.shape[0]
+    nq = nkv = hd = 1
+    if epi == ROPE:
+        assert rope is not None
+        cos, sin, pos, slots, kc, vc, nq, nkv, hd = rope
+        block_n, off2, grid_n = hd // 2, hd // 2, nq + 2 * nkv
+        stride_ch = kc.stride(0)
+    else:
+        cos = sin = pos = slots = kc = vc = out
+        off2 = N if epi == SILU else 0
+        grid_n = triton.cdiv(N, block_n)
+        stride_ch = 0
+    if res is None:
+        res = out
+    bm = _block_m(M)
+    _fused_linear_kernel[(grid_n, triton.cdiv(M, bm))](
+        a, a.stride(0), w, w.stride(0), out, out.stride(0), res, res.stride(0),
+        cos, sin, pos, slots, kc, vc, stride_ch,
+        M, N, K, 0.0 if norm_eps is None else norm_eps,
+        NORM=norm_eps is not None, EPI=epi, OFF2=off2, NQ=nq, NKV=nkv, HD=hd,
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3,
+    )
+    return out
+
+
+def attention_split(
+    q: torch.Tensor,  # (T, NQ, HD)
+    k_cache: torch.Tensor,  # (kvh, S, HD)
+    v_cache: torch.Tensor,
+    out: torch.Tensor,  # (T, NQ·HD)
+    slots: torch.Tensor,
+    mask: torch.Tensor | None,
+    partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor],  # (NSPLIT, T·NQ, HD), (NSPLIT, T·NQ) ×2, fp32
+    block_s: int = 64,
+) -> torch.Tensor:
+    """Attention split over the cache in NSPLIT parallel shares, then combined: two launches, many programs."""
+    T, nq, hd = q.shape
+    nkv = k_cache.shape[0]
+    rep = nq // nkv
+    po, pm, pl = partials
+    nsplit = po.shape[0]
+    bm = _block_m(T * rep)
+    _attention_split_kernel[(nkv, triton.cdiv(T * rep, bm), nsplit)](
+        q, k_cache, v_cache, k_cache.stride(0), po, pm, pl, slots, slots if mask is None else mask,
+        T, k_cache.shape[1], hd ** -0.5, CAUSAL=mask is None, REP=rep, NQ=nq, HD=hd, BLOCK_M=bm, BLOCK_S=block_s,
+        num_warps=4, num_stages=2,
+    )
+    _attention_combine_kernel[(T * nq,)](po, pm, pl, out, T * nq, NSPLIT=nsplit, HD=hd, num_warps=1)
+    return out
+
+
+def attention(
+    q: torch.Tensor,  # (T, NQ, HD)
+    k_cache: torch.Tensor,  # (kvh, S, HD) view of one layer's cache (batch 1)
+    v_cache: torch.Tensor,
+    out: torch.Tensor,  # (T, NQ·HD)
+    slots: torch.Tensor,  # (T,) int64, slots[0] = start
+    mask: torch.Tensor | None,  # (T, T) int64, None = causal
+    block_s: int = 64,
+) -> torch.Tensor:
+    T, nq, hd = q.shape
+    nkv = k_cache.shape[0]
+    rep = nq // nkv
+    bm = _block_m(T * rep)
+    _attention_kernel[(nkv, triton.cdiv(T * rep, bm))](
+        q, k_cache, v_cache, k_cache.stride(0), out, slots, slots if mask is None else mask,
+        T, k_cache.shape[1], hd ** -0.5, CAUSAL=mask is None, REP=rep, NQ=nq, HD=hd, BLOCK_M=bm, BLOCK_S=block_s, num_warps=4, num_stages=2,
+    )
+    return out

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Run the GPU tests and the GPU benchmark on the device machine; results go to the folder given as $1.
+#   scripts/gpu.sh OUT [tests] [forward] [bench] [fbench]     (default: tests forward bench)
+# Expects the embedded model at /root/models/smollm2.gguf (see ../shared/device/README.md) for `bench`,
+# and PYTHONPATH holding the checkout (and /tmp/site for the gguf package).
+set -uo pipefail
+out=${1:?usage: scripts/gpu.sh OUT [stage ...]}
+shift
+stages=${*:-tests forward bench}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+model=${MODEL:-/root/models/smollm2.gguf}
+export PYTHONUNBUFFERED=1 FASTDECODE_CACHE=${FASTDECODE_CACHE:-/tmp/fastdecode-cache}
+status=0
+{ date -u; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv; "$py" -c 'import torch; print(torch.__version__)'; } > "$out/machine.txt" 2>&1
+for stage in $stages; do
+  echo "== $stage $(date -u +%H:%M:%S)"
+  case $stage in
+    tests)   "$py" -m pytest -q -x tests/test_gpu.py 2>&1 | tee "$out/tests.log" || status=1 ;;
+    forward) "$py" scripts/gpu_forward_timing.py --out "$out/forward.json" ${FORWARD_ARGS:-} 2>"$out/forward.log" || status=1 ;;
+    bench)   "$py" scripts/gpu_bench.py --model "$model" --out "$out/bench.json" ${BENCH_ARGS:-} 2>"$out/bench.log" || status=1 ;;
+    fbench)  "$py" -m fastdecode bench --model "$model" --device cuda --methods ar,pld --per-category ${PER_CATEGORY:-10} \
+               --max-new-tokens 256 --out "$out/fbench" --resume --no-progress 2>&1 | tail -40 > "$out/fbench.log" || status=1 ;;
+    *) echo "unknown stage $stage"; status=2 ;;
+  esac
+done
+exit $status

@@ -1,0 +1,170 @@
+"""The CUDA-graph runner computes what the model computes.
+
+The static forward (padded widths, span buckets, scratch slots, the tree mask as a bias) is checked against
+`LlamaModel` on a tiny random model in fp32: eagerly on the CPU (what CI runs), and captured in CUDA graphs
+on a GPU (skipped without one; scripts/gpu.sh runs them on the device).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdecode import cuda_graphs
+from fastdecode.cuda_graphs import GraphRunner, span_bucket, width_bucket
+from fastdecode.drafters import make_drafter
+from fastdecode.engine import Engine, GenerationStats, StopConditions
+from fastdecode.models.llama import LlamaModel, ModelConfig
+from fastdecode.sampling import SamplingParams
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"))]
+CFG = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=6, num_kv_heads=2, head_dim=16,
+                  max_position=600, tie_embeddings=True)
+
+
+def tiny(device: str, cfg: ModelConfig = CFG) -> LlamaModel:
+    torch.manual_seed(0)
+    m = LlamaModel(cfg)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return m.to(device).eval()
+
+
+def test_buckets() -> None:
+    assert [width_bucket(t) for t in (1, 2, 3, 16, 17, 64, 65, 999, 2048)] == [1, 2, 4, 16, 32, 64, 128, 1024, 2048]
+    assert span_bucket(1, 4096) == 256 and span_bucket(257, 4096) == 512 and span_bucket(5000, 4096) == 4096
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_matches_model(device: str) -> None:
+    model = tiny(device)
+    runner = GraphRunner(model, compile=False, verbose=False)
+    ref, got = model.new_cache(1, 600), runner.new_target_cache(1, 600)
+    gen = torch.Generator().manual_seed(0)
+
+    def both(ids, pos, mask=None, **kw):
+        with torch.no_grad():
+            a = model(ids.to(device), pos.to(device), ref, None if mask is None else mask.to(device), **kw)
+            b = runner(ids, pos, got, mask, **kw)
+        assert ref.length == got.length
+        return a, b
+
+    (la, ha), (lb, hb) = both(torch.randint(0, 101, (1, 300), generator=gen), torch.arange(300)[None])  # prefill, width 512
+    torch.testing.assert_close(lb, la, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(hb, ha, atol=1e-4, rtol=1e-4)
+    # a tree: node 1 and 2 are siblings under the pending token, node 3 is a child of node 2
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)[None]
+    (la, _), (lb, _) = both(torch.randint(0, 101, (1, 4), generator=gen), torch.tensor([[300, 301, 301, 302]]), mask)
+    torch.testing.assert_close(lb, la, atol=1e-4, rtol=1e-4)
+    n = ref.length
+    torch.testing.assert_close(got.k[:, :, :, :n], ref.k[:, :, :, :n], atol=1e-5, rtol=1e-5)
+    ref.compact(300, [300, 302, 303])
+    got.compact(300, [300, 302, 303])
+    for T in (1, 3, 9, 17, 64, 100):  # every decode bucket, and a width past them (a prefill chunk)
+        s = ref.length
+        (la, _), (lb, _) = both(torch.randint(0, 101, (1, T), generator=gen), torch.arange(s, s + T)[None], num_logits=min(T, 5))
+        torch.testing.assert_close(lb, la, atol=1e-4, rtol=1e-4)
+    (_, ha), (lb, hb) = both(torch.randint(0, 101, (1, 2), generator=gen), torch.arange(ref.length, ref.length + 2)[None], hidden_only=True)
+    assert lb is None
+    torch.testing.assert_close(hb, ha, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_in_chunks(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cuda_graphs, "PREFILL_WIDTHS", (128,))  # chunks of 128 rows
+    model = tiny(device)
+    runner = GraphRunner(model, compile=False, verbose=False)
+    ref, got = model.new_cache(1, 600), runner.new_target_cache(1, 600)
+    ids = torch.randint(0, 101, (1, 300), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        la, _ = model(ids.to(device), torch.arange(300, device=device)[None], ref)
+        lb, _ = runner(ids, torch.arange(300)[None], got)
+    torch.testing.assert_close(lb, la, atol=1e-4, rtol=1e-4)
+    assert got.length == 300
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method,options", [("ar", {}), ("pld", {}), ("pld", {"branches": 3}), ("_self", {}), ("_random-tree", {})])
+def test_engine_same_tokens(device: str, method: str, options: dict) -> None:
+    """Greedy and seeded sampling give the same tokens through the runner as through the model (fp32); `_self`
+    drafts with the target in a cache of its own, which must not share the runner's storage."""
+    model = tiny(device)
+    runner = GraphRunner(model, compile=False, verbose=False)
+    prompt = [int(x) for x in torch.randint(0, 20, (40,), generator=torch.Generator().manual_seed(2))] * 2
+    for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=3)):
+        outs = []
+        for target in (model, runner):
+            st = GenerationStats()
+            steps = Engine(target).generate(prompt, make_drafter(method, **options), params, StopConditions(60), st)
+            outs.append([t for piece in steps for t in piece])
+        assert outs[0] == outs[1]
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_graphs_are_captured_once_and_replayed() -> None:
+    model = tiny("cuda")
+    runner = GraphRunner(model, compile=False, verbose=False)
+    prompt = list(range(1, 50))
+    for _ in range(2):
+        st = GenerationStats()
+        for _ in Engine(runner).generate(prompt, make_drafter("pld"), SamplingParams(), StopConditions(40), st):
+            pass
+    assert st.capture_s == 0.0  # the second generation found every graph it needed
+    assert all(g.graph is not None for g in runner.graphs.values())
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_compiled_runner_close_to_model() -> None:
+    """torch.compile fuses RMSNorm/RoPE/SiLU: fp32 results stay within rounding of the model's."""
+    model = tiny("cuda")
+    runner = GraphRunner(model, compile=True, verbose=False)
+    ref, got = model.new_cache(1, 600), runner.new_target_cache(1, 600)
+    ids = torch.randint(0, 101, (1, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        la, _ = model(ids.cuda(), torch.arange(40, device="cuda")[None], ref)
+        lb, _ = runner(ids, torch.arange(40)[None], got)
+        for T in (1, 16):
+            s = ref.length
+            la, _ = model(ids[:, :T].cuda(), torch.arange(s, s + T, device="cuda")[None], ref)
+            lb, _ = runner(ids[:, :T], torch.arange(s, s + T)[None], got)
+            torch.testing.assert_close(lb, la, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("T", [1, 5, 16, 64])
+@pytest.mark.parametrize("tree", [False, True])
+def test_triton_kernels_close_to_model(T: int, tree: bool) -> None:
+    """The fused Triton decode forward (bf16) is as close to the fp32 model as the bf16 model itself is."""
+    cfg = ModelConfig(vocab_size=301, hidden_size=128, intermediate_size=160, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=64,
+                      max_position=600, tie_embeddings=True)
+    exact = tiny("cuda", cfg)
+    with torch.no_grad():
+        for p in exact.parameters():
+            p.mul_(0.3)
+    model = LlamaModel(cfg).cuda().eval()
+    model.load_state_dict(exact.state_dict())
+    model = model.to(torch.bfloat16)
+    runner = GraphRunner(model, kernels="triton", verbose=False)
+    assert runner.kernels == "triton"
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 301, (1, 200), generator=gen)
+    new = torch.randint(0, 301, (1, T), generator=gen)
+    pos = torch.arange(200, 200 + T)[None]
+    mask = None
+    if tree:
+        mask = torch.ones(T, T, dtype=torch.bool).tril()
+        mask[T // 2 :, 1 : T // 2] = False  # the second half hangs off the first row only
+        mask = mask[None]
+    out = []
+    with torch.no_grad():
+        for target in (exact, model, runner):
+            cache = runner.new_target_cache(1, 600) if target is runner else target.new_cache(1, 600)
+            dev = "cpu" if target is runner else "cuda"
+            target(ids.to(dev), torch.arange(200, device=dev)[None], cache)
+            logits, _ = target(new.to(dev), pos.to(dev), cache, None if mask is None else mask.to(dev))
+            out.append(logits.float())
+    ref = out[0]
+    err_model = ((out[1] - ref).norm() / ref.norm()).item()
+    err_runner = ((out[2] - ref).norm() / ref.norm()).item()
+    assert err_runner < 2 * err_model + 5e-3, (err_runner, err_model)
