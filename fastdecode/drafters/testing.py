@@ -18,6 +18,12 @@ from fastdecode.drafters.base import DraftContext, Drafter, Proposal, register
 from fastdecode.sampling import choose_tokens, target_probs
 
 
+def drafter_generator(seed: int, salt: int) -> torch.Generator:
+    """A drafter's own randomness: fresh for every generation seed (a speculative-sampling draft must be a
+    new draw from the q it reports), reproducible for a fixed one."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + salt * 7_919 + 12_345) & 0xFFFFFFFF)
+
+
 @dataclass(frozen=True)
 class SelfOptions:
     num_draft: int = 6
@@ -32,7 +38,7 @@ class SelfDraft(Drafter):
 
     def reset(self, prompt_tokens: list[int]) -> None:
         self.cache: KVCache | None = None
-        self.generator = torch.Generator().manual_seed(12345)
+        self.generator: torch.Generator | None = None  # seeded from the generation's seed at the first step
 
     def propose(self, ctx: DraftContext) -> Proposal:
         k = min(self.options.num_draft, ctx.max_depth, ctx.max_nodes)
@@ -57,6 +63,7 @@ class SelfDraft(Drafter):
                 tok = int(choose_tokens(row, positions[0, -1], ctx.params))
             else:
                 q = target_probs(row, ctx.params)
+                self.generator = self.generator or drafter_generator(ctx.params.seed, 0)
                 tok = int(torch.multinomial(q.cpu(), 1, generator=self.generator))
                 qs.append(q)
             drafts.append(tok)
@@ -82,13 +89,11 @@ class RandomTree(Drafter):
     Options = RandomTreeOptions
 
     def reset(self, prompt_tokens: list[int]) -> None:
-        self.generator = torch.Generator().manual_seed(self.options.seed)
-
-    def _rand(self, n: int) -> torch.Tensor:
-        return torch.rand(n, generator=self.generator)
+        self.generator: torch.Generator | None = None  # seeded from the generation's seed at the first step
 
     def propose(self, ctx: DraftContext) -> Proposal:
-        o, g = self.options, self.generator
+        o = self.options
+        g = self.generator = self.generator or drafter_generator(ctx.params.seed, o.seed)
         if ctx.max_depth < 1 or ctx.max_nodes < 1:
             return Proposal()
         # the shape: each node picks a random earlier node (or the root) with room for a child
