@@ -30,6 +30,7 @@ def add_bench_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
     b.add_argument("--categories", default="", help="comma-separated categories (or groups) to run (default: all)")
     b.add_argument("--per-category", type=int, default=None, help="the first N prompts of each category (default: all; sharegpt: 80)")
     b.add_argument("--max-new-tokens", type=int, default=256, help="per turn (default 256)")
+    b.add_argument("--max-turns", type=int, default=None, help="answer only the first N turns of each prompt (default: all)")
     b.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); exactness is judged on greedy runs")
     b.add_argument("--seed", type=int, default=0, help="sampling runs and the ShareGPT sample derive from it")
     b.add_argument("--peers", default="", help="comma-separated peer tools: transformers, llamacpp (pip install fastdecode[peers])")
@@ -70,7 +71,8 @@ def command_line(args: argparse.Namespace) -> str:
     parts += [x for o in args.opt for x in ("--opt", o)]
     parts += ["--workload", args.workload, "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature)]
     optional = {"--categories": args.categories or None, "--per-category": args.per_category, "--peers": args.peers or None,
-                "--peer-per-category": args.peer_per_category, "--assistant": args.assistant, "--threads": args.threads}
+                "--peer-per-category": args.peer_per_category, "--assistant": args.assistant, "--threads": args.threads,
+                "--max-turns": args.max_turns}
     parts += [x for k, v in optional.items() if v is not None for x in (k, str(v))]
     if args.seed:
         parts += ["--seed", str(args.seed)]
@@ -99,6 +101,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     workload = load_workload(args.workload, args.seed)
     if args.categories:
         workload = workload.only(split_list(args.categories))
+    if args.max_turns is not None:
+        workload = workload.first_turns(args.max_turns)
     out = Path(args.out)
     if (out / RESULTS).exists() and not args.resume:
         raise ValueError(f"{out / RESULTS} exists: pass --resume to continue it, or choose another --out")
@@ -121,7 +125,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     record = {
         "provenance": provenance(gen.device, gen.dtype),
         "setup": {"model": args.model, "workload": args.workload, "max_new_tokens": settings.max_new_tokens,
-                  "temperature": settings.temperature, "seed": settings.seed, "top_logits": TOP_K},
+                  "temperature": settings.temperature, "seed": settings.seed, "top_logits": TOP_K,
+                  "max_turns": args.max_turns},
     }
     notice = lambda msg: print(f"bench: {msg}", file=sys.stderr)  # noqa: E731
     peers = []

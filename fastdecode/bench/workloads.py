@@ -18,7 +18,7 @@ import importlib.util
 import json
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fastdecode.data import spec_bench_questions
@@ -67,6 +67,12 @@ class Workload:
             chosen.append(p)
         return Workload(self.name, tuple(chosen)), skipped
 
+
+    def first_turns(self, n: int) -> Workload:
+        """Every prompt cut to its first `n` turns (`--max-turns 1`: single-turn Spec-Bench)."""
+        if n < 1:
+            raise ValueError(f"--max-turns must be >= 1, got {n}")
+        return Workload(self.name, tuple(replace(p, turns=p.turns[:n]) for p in self.prompts))
 
     def only(self, categories: list[str]) -> Workload:
         """The prompts of these categories (or of these groups, e.g. "multi-turn conversation")."""
