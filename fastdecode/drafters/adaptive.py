@@ -103,12 +103,13 @@ class LengthController:
     def scores(self) -> dict[tuple[int, int], float]:
         """Expected tokens per second for every shape (depth >= 1)."""
         out: dict[tuple[int, int], float] = {}
+        table = self._time_table()
         for wi in range(len(self.widths)):
             acc = self._estimates(self.accepted, wi)
             rows = self._estimates(self.rows, wi, floor=1.0)
             drafts = self._estimates(self.drafts, wi)
             for d in range(1, self.max_depth + 1):
-                t = self._draft_time(drafts[d]) + self._verify_time(rows[d] + self.extra_rows)
+                t = self._draft_time(drafts[d]) + self._verify_time(rows[d] + self.extra_rows, table)
                 out[(d, wi)] = (1.0 + acc[d]) / max(t, 1e-9)
         return out
 
@@ -128,20 +129,28 @@ class LengthController:
         w = self.weight[d][wi]
         return (table[d][wi] + guess) / (w + 1.0)  # one pseudo-step at the guess
 
-    def _verify_time(self, rows: float) -> float:
-        if not self.verify_time:
-            return 1.0
+    def _time_table(self) -> tuple[list[int], list[float]]:
         keys = sorted(self.verify_time)
         means = [self.verify_time[k][0] / self.verify_time[k][1] for k in keys]
         for i in range(1, len(means)):  # more rows never cost less
             means[i] = max(means[i], means[i - 1])
-        if rows <= keys[0]:
-            return means[0]
+        return keys, means
+
+    def _verify_time(self, rows: float, table: tuple[list[int], list[float]] | None = None) -> float:
+        if not self.verify_time:
+            return 1.0
+        keys, means = table or self._time_table()
+        if len(keys) == 1:  # one width seen: assume a gentle slope around it
+            return means[0] * max(0.5, 1.0 + 0.01 * (rows - keys[0]))
+        if rows <= keys[0]:  # narrower than any seen: extend the first segment's slope
+            slope = (means[1] - means[0]) / (keys[1] - keys[0])
+            return max(0.5 * means[0], means[0] - slope * (keys[0] - rows))
         for i in range(1, len(keys)):
             if rows <= keys[i]:
                 f = (rows - keys[i - 1]) / (keys[i] - keys[i - 1])
                 return means[i - 1] + f * (means[i] - means[i - 1])
-        return means[-1] * (1.0 + 0.01 * (rows - keys[-1]))  # past the widest seen: assume a gentle slope
+        slope = max((means[-1] - means[-2]) / (keys[-1] - keys[-2]), 0.01 * means[-1] / keys[-1])
+        return means[-1] + slope * (rows - keys[-1])  # wider than any seen: extend the last segment's slope
 
     def _draft_time(self, drafts: float) -> float:
         base = self.draft_base[0] / self.draft_base[1] if self.draft_base[1] else 0.0
