@@ -57,6 +57,25 @@ def _rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     raise ValueError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
 
 
+class Linear(nn.Linear):
+    """nn.Linear with a CPU fast path for narrow inputs (verify forwards of 2-64 rows).
+
+    On CPU, `x @ W.T` with a few rows falls into a GEMM shape that BLAS handles poorly: measured on this
+    project's 2-core CPU (fp32, SmolLM2), a 4-row forward cost 1.8x a 1-row one. Computing `(W @ x.T).T`
+    instead reads W once for all rows, like a matrix-vector product: 4 rows then cost the same as 1, and
+    16 rows 1.45x. One row and long prefills keep the ordinary kernel.
+    """
+
+    NARROW = 64
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if x.device.type != "cpu" or not 1 < rows <= self.NARROW:
+            return F.linear(x, self.weight, self.bias)
+        y = (self.weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], -1)  # (..., out)
+        return y if self.bias is None else y + self.bias
+
+
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin for every position of the context, (P, hd) fp32, as the reference computes them."""
     freqs = torch.outer(torch.arange(cfg.max_position, dtype=torch.float32), _rope_inv_freq(cfg))  # (P, hd/2)
@@ -87,10 +106,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         h, hd, kvh = cfg.num_heads, cfg.head_dim, cfg.num_kv_heads
-        self.q_proj = nn.Linear(cfg.hidden_size, h * hd, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kvh * hd, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kvh * hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(h * hd, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, h * hd, bias=cfg.attention_bias)
+        self.k_proj = Linear(cfg.hidden_size, kvh * hd, bias=cfg.attention_bias)
+        self.v_proj = Linear(cfg.hidden_size, kvh * hd, bias=cfg.attention_bias)
+        self.o_proj = Linear(h * hd, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_eps)
@@ -133,9 +152,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -166,7 +185,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         cos, sin = rope_tables(cfg)
