@@ -90,6 +90,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.source = source
         self.engine = Engine(model)
+        self.engine.tokenizer = tokenizer  # drafters that calibrate on text (layerskip) read it
         self._drafters: dict[tuple[str, Any], Drafter] = {}
 
     @property

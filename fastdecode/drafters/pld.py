@@ -19,6 +19,7 @@ class PLDOptions:
     max_ngram: int = 3  # longest suffix matched
     min_ngram: int = 1  # shortest suffix matched
     branches: int = 1  # distinct continuations verified as a tree
+    adaptive: bool = False  # draft depth and width follow acceptance and step time (drafters/adaptive.py)
 
     def validate(self) -> None:
         if self.num_draft < 1 or self.branches < 1:
@@ -81,6 +82,9 @@ class PromptLookup(Drafter):
     description = "prompt lookup: copy what followed the latest match of the last n tokens in the prompt and output"
     lossless = True
     Options = PLDOptions
+
+    def draft_shape(self) -> tuple[int, int]:
+        return self.options.num_draft, self.options.branches
 
     def reset(self, prompt_tokens: list[int]) -> None:
         self.index = NgramIndex(self.options.min_ngram, self.options.max_ngram)
