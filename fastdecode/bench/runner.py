@@ -361,16 +361,20 @@ class Progress:
 
 
 def warm_up(generator: Generator, workload: Workload, settings: BenchSettings, peers: Sequence[Peer], notify: Notify) -> None:
-    """Untimed generations on the first prompt, so no method pays for first-call costs in its figures."""
+    """Untimed generations, so no method pays for first-call costs in its figures. They run on the
+    workload's longest prompt; on a GPU for the full `max_new_tokens`, so that the CUDA graphs of the
+    long cache spans are captured here rather than inside a timed run."""
     if not workload.prompts or settings.warmup == 0:
         return
-    first = workload.prompts[0]
     try:
-        ids = generator.prompt_ids(first.turns[0], raw=first.raw)
+        lengths = [(len(generator.prompt_ids(p.turns[0], raw=p.raw)), i) for i, p in enumerate(workload.prompts)]
+        longest = workload.prompts[max(lengths)[1]]
+        ids = generator.prompt_ids(longest.turns[0], raw=longest.raw)
     except ValueError as e:
         notify(f"warm-up skipped: {e}")
         return
-    max_new = min(WARMUP_TOKENS, settings.max_new_tokens)
+    full = generator.device.type == "cuda"
+    max_new = settings.max_new_tokens if full else min(WARMUP_TOKENS, settings.max_new_tokens)
     runs: list[tuple[str, Callable[[], Turn]]] = [
         (m.label, partial(method_turn, generator, m, settings, settings.seed, ids, max_new)) for m in settings.methods
     ]
