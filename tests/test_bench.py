@@ -320,7 +320,17 @@ def test_workloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cli_checks_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert [m.label for m in method_specs("pld,ar", ["pld.num_draft=5"])] == ["ar", "pld(num_draft=5)"]
+    # one method in several variants: bracket options are the entry's own, --opt applies to every entry
+    variants = method_specs("pld,pld[adaptive=true],pld[num_draft=4,max_ngram=2]", ["pld.num_draft=5"])
+    assert [m.label for m in variants] == [
+        "ar", "pld(num_draft=5)", "pld(adaptive=true,num_draft=5)", "pld(max_ngram=2,num_draft=4)"
+    ]
     for argv in (
+        ["bench", "--methods", "pld,pld"],
+        ["bench", "--methods", "pld[num_draft=4"],
+        ["bench", "--methods", "pld]"],
+        ["bench", "--methods", "pld[num_draft]"],
+        ["bench", "--methods", "pld[bogus=1]"],
         ["bench", "--methods", "nope"],
         ["bench", "--methods", "pld", "--opt", "pld.bogus=1"],
         ["bench", "--opt", "ar"],

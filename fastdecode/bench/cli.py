@@ -24,7 +24,11 @@ DEFAULT_OUT = "bench-out"
 def add_bench_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
     b = sub.add_parser("bench", help="measure methods (and peer tools) on a workload: speed, acceptance and exactness")
     add_model_args(b)
-    b.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated methods (default {DEFAULT_METHODS}); ar always runs, first")
+    b.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"comma-separated methods (default {DEFAULT_METHODS}), each with optional own options, e.g. pld[num_draft=4]; ar runs first",
+    )
     b.add_argument("--opt", action="append", default=[], metavar="METHOD.KEY=VALUE", help="a method option, e.g. pld.num_draft=5")
     b.add_argument("--workload", default="spec-bench", help=f"{', '.join(WORKLOADS)} or a .jsonl file with 'turns' (default spec-bench)")
     b.add_argument("--categories", default="", help="comma-separated categories (or groups) to run (default: all)")
@@ -48,21 +52,64 @@ def split_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def split_methods(text: str) -> list[str]:
+    """Split `--methods` on the commas outside brackets: "ar,pld[num_draft=4,adaptive=true]" -> 2 entries."""
+    items, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"--methods {text!r}: a ']' without its '['")
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if depth:
+        raise ValueError(f"--methods {text!r}: a '[' without its ']'")
+    return [x.strip() for x in [*items, cur] if x.strip()]
+
+
+def _key_value(item: str, where: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"{where} takes key=value, got {item!r}")
+    return key.strip(), value.strip()
+
+
 def method_specs(methods: str, opts: list[str]) -> tuple[MethodSpec, ...]:
-    """`--methods ar,pld --opt pld.num_draft=5` -> (ar, pld(num_draft=5)); options of unlisted methods are refused."""
-    names = split_list(methods)
-    if not names:
+    """`--methods ar,pld,pld[adaptive=true] --opt pld.max_ngram=2` -> (ar, pld(max_ngram=2), pld(adaptive=true,max_ngram=2)).
+
+    Options in brackets belong to that entry, so one method can run in several variants in the same run
+    (e.g. fixed against adaptive draft length); `--opt method.key=value` applies to every entry of that
+    method unless the entry sets the key itself. Options of unlisted methods are refused.
+    """
+    entries: list[tuple[str, dict[str, str]]] = []
+    for item in split_methods(methods):
+        name, bracket, rest = item.partition("[")
+        own: dict[str, str] = {}
+        if bracket:
+            if not rest.endswith("]"):
+                raise ValueError(f"--methods entry {item!r}: write method[key=value,...]")
+            for kv in rest[:-1].replace(";", ",").split(","):
+                if kv.strip():
+                    k, v = _key_value(kv, f"--methods entry {item!r}")
+                    own[k] = v
+        entries.append((name.strip(), own))
+    if not entries:
         raise ValueError("--methods is empty")
-    options: dict[str, dict[str, str]] = {n: {} for n in names}
+    shared: dict[str, dict[str, str]] = {n: {} for n, _ in entries}
     for item in opts:
-        key, sep, value = item.partition("=")
-        method, dot, name = key.strip().partition(".")
-        if not sep or not dot or not method or not name:
+        key, value = _key_value(item, "--opt")
+        method, dot, name = key.partition(".")
+        if not dot or not method or not name:
             raise ValueError(f"--opt takes method.key=value, got {item!r}")
-        if method not in options:
+        if method not in shared:
             raise ValueError(f"--opt {item!r}: method {method!r} is not in --methods")
-        options[method][name] = value.strip()
-    return with_reference([MethodSpec(n, tuple(sorted(options[n].items()))) for n in names])
+        shared[method][name] = value
+    return with_reference([MethodSpec(n, tuple(sorted({**shared[n], **own}.items()))) for n, own in entries])
 
 
 def command_line(args: argparse.Namespace) -> str:
