@@ -17,8 +17,8 @@ import torch
 from fastdecode.api import Generation, Generator
 from fastdecode.bench import peers as peers_mod
 from fastdecode.bench import workloads as workloads_mod
-from fastdecode.bench.cli import method_specs
-from fastdecode.bench.metrics import OVERALL, failing_methods, summarize
+from fastdecode.bench.cli import method_specs, select_rows
+from fastdecode.bench.metrics import OVERALL, failing_methods, speedup, summarize
 from fastdecode.bench.plots import write_plots
 from fastdecode.bench.report import render_markdown, write_outputs
 from fastdecode.bench.runner import RESULTS, TIMING_FIELDS, BenchSettings, MethodSpec, Turn, run_bench, with_reference
@@ -163,6 +163,13 @@ def test_rows_summary_and_reports(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "summary.json").read_text())["methods"] == ["ar", "pld", "_self"]
     for p in plots:
         assert Path(p).read_bytes()[:4] == b"\x89PNG"
+
+    # --report-only: the same rows summarized again, here only the summarization prompt, with no model loaded
+    assert main(["bench", "--report-only", str(tmp_path), "--out", str(tmp_path / "again"), "--categories", "summarization"]) == 0
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert again["groups"] == ["summarization"] and again["meta"]["command"] == "fastdecode bench --model tiny"
+    assert again[OVERALL]["pld"]["new_tokens"] == by[("s1", "pld")]["new_tokens"]
+    assert "summarized from its rows by" not in report and (tmp_path / "again" / "report.md").is_file()
 
 
 def test_second_turn_follows_own_first_answer(tmp_path: Path) -> None:
@@ -318,6 +325,20 @@ def test_workloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             load_workload(name)
 
 
+def test_select_rows_and_generation_time() -> None:
+    rows = [
+        {"prompt_id": pid, "category": cat, "group": cat, "method": m, "wall_s": 2.0, "capture_s": cap, "new_tokens": 10}
+        for pid, cat in (("a", "qa"), ("b", "qa"), ("c", "rag"))
+        for m, cap in (("ar", 1.0), ("pld", 0.0))
+    ]
+    assert [(r["prompt_id"], r["method"]) for r in select_rows(rows, [], 1)] == [("a", "ar"), ("a", "pld"), ("c", "ar"), ("c", "pld")]
+    assert [r["prompt_id"] for r in select_rows(rows, ["rag"], None)] == ["c", "c"]
+    with pytest.raises(ValueError, match="per-category"):
+        select_rows(rows, [], 0)
+    # one-time graph capture inside a generation is not generation time: ar ran 10 tokens in 2 - 1 s
+    assert speedup([(rows[1], rows[0])]) == pytest.approx(0.5)
+
+
 def test_cli_checks_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert [m.label for m in method_specs("pld,ar", ["pld.num_draft=5"])] == ["ar", "pld(num_draft=5)"]
     # one method in several variants: bracket options are the entry's own, --opt applies to every entry
@@ -337,6 +358,7 @@ def test_cli_checks_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture
         ["bench", "--peers", "vllm"],
         ["bench", "--workload", str(tmp_path / "missing.jsonl")],
         ["bench", "--max-new-tokens", "0"],
+        ["bench", "--report-only", str(tmp_path / "nothing-here")],
     ):
         assert main(argv) == 2, argv
         assert capsys.readouterr().err.startswith("fastdecode: error:")

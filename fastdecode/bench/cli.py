@@ -45,6 +45,12 @@ def add_bench_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
     b.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     b.add_argument("--resume", action="store_true", help="continue an interrupted results.jsonl in --out; runs nothing twice")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument(
+        "--report-only",
+        metavar="DIR",
+        default=None,
+        help="run nothing: summarize DIR/results.jsonl again (filtered by --categories and --per-category) into --out",
+    )
     b.set_defaults(run=run_bench_command)
 
 
@@ -127,7 +133,72 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
+def select_rows(rows: list[dict[str, Any]], categories: list[str], per_category: int | None) -> list[dict[str, Any]]:
+    """Rows of the listed categories (or groups), and of the first `per_category` prompts of each category
+    in the order the run met them. Example: per_category=2 keeps every method's rows of 2 prompts a category."""
+    if per_category is not None and per_category < 1:
+        raise ValueError(f"--per-category must be >= 1, got {per_category}")
+    wanted = set(categories)
+    kept: dict[str, list[str]] = {}
+    out = []
+    for r in rows:
+        if wanted and r.get("category") not in wanted and r.get("group") not in wanted:
+            continue
+        ids = kept.setdefault(r.get("category", ""), [])
+        if r["prompt_id"] not in ids:
+            if per_category is not None and len(ids) >= per_category:
+                continue
+            ids.append(r["prompt_id"])
+        out.append(r)
+    return out
+
+
+def report_only(args: argparse.Namespace) -> int:
+    """`--report-only DIR`: the summary, report and plots of DIR/results.jsonl again, without a model."""
+    import json
+
+    from fastdecode.bench.metrics import failing_methods, summarize
+    from fastdecode.bench.plots import write_plots
+    from fastdecode.bench.report import now, print_table, write_outputs
+    from fastdecode.bench.runner import REFERENCE
+
+    src = Path(args.report_only)
+    if not (src / RESULTS).is_file():
+        raise FileNotFoundError(f"--report-only: {src / RESULTS} not found")
+    complete = (src / RESULTS).read_text(encoding="utf-8").rpartition("\n")[0]  # read only: a run may still be writing
+    try:
+        every = [json.loads(line) for line in complete.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--report-only: {src / RESULTS} is not JSON lines ({e})") from None
+    rows = select_rows(every, split_list(args.categories), args.per_category)
+    if not any(r["method"] == REFERENCE for r in rows):
+        raise ValueError(f"--report-only: no `ar` rows in {src / RESULTS} for these categories")
+    meta: dict[str, Any] = {}
+    if (src / "summary.json").is_file():
+        meta = json.loads((src / "summary.json").read_text(encoding="utf-8")).get("meta", {})
+    first = rows[0]
+    meta = {
+        "provenance": first.get("provenance", {}),
+        "setup": first.get("setup", {}),
+        "command": meta.get("command", "(unknown)"),
+        **({"warmup": meta["warmup"]} if meta.get("warmup") is not None else {}),
+        "date": meta.get("date", now()),
+        "prompts": len({r["prompt_id"] for r in rows}),
+        "report_command": shlex.join(["fastdecode", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else None,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(rows)
+    plots = write_plots(summary, out, f"{meta['setup'].get('model')}, {meta['setup'].get('workload')}, {meta['provenance'].get('dtype')}")
+    write_outputs(out, summary, meta, plots)
+    print_table(summary)
+    print(f"bench: wrote {out / 'summary.json'}, {out / 'report.md'} and {len(plots)} plots from {src / RESULTS}", file=sys.stderr)
+    return 1 if failing_methods(summary) else 0
+
+
 def run_bench_command(args: argparse.Namespace) -> int:
+    if args.report_only is not None:
+        return report_only(args)
     import torch
 
     import fastdecode

@@ -1,6 +1,8 @@
 """From result rows to summaries: per method × category (and group, and overall) as DESIGN.md defines them.
 
-- tokens/s = total new tokens ÷ total wall time (prefill included) over the prompts counted;
+- tokens/s = total new tokens ÷ total generation time over the prompts counted: wall time with prefill
+  included, less the one-time CUDA-graph capture and compilation that fell inside it (`capture_s`, which
+  is summed and reported separately, as issue 5 asks);
 - speedup = that figure ÷ `ar`'s over the *same* prompts (both without error), plus the median of the
   per-prompt ratios;
 - MAT = new tokens ÷ steps; acceptance rate = accepted ÷ drafted; exact-match rate over the compared rows;
@@ -27,6 +29,11 @@ def _ok(row: Row) -> bool:
     return row.get("error") is None and bool(row.get("wall_s"))
 
 
+def gen_seconds(row: Row) -> float:
+    """The time a row's generation took: its wall time less one-time graph capture inside it."""
+    return float(row["wall_s"]) - float(row.get("capture_s") or 0.0)
+
+
 def _rate(num: float, den: float, digits: int = 4) -> float | None:
     return round(num / den, digits) if den else None
 
@@ -36,7 +43,7 @@ def method_stats(rows: Sequence[Row], reference: dict[str, Row]) -> dict[str, An
     ok = [r for r in rows if _ok(r)]
     paired = [(r, reference[r["prompt_id"]]) for r in ok if r["prompt_id"] in reference and _ok(reference[r["prompt_id"]])]
     new = sum(r["new_tokens"] for r in ok)
-    wall = sum(r["wall_s"] for r in ok)
+    wall = sum(gen_seconds(r) for r in ok)
     steps = sum(r.get("steps") or 0 for r in ok)
     drafted = sum(r.get("drafted") or 0 for r in ok)
     compared = [r for r in ok if r.get("exact") is not None]
@@ -65,16 +72,20 @@ def method_stats(rows: Sequence[Row], reference: dict[str, Row]) -> dict[str, An
 def speedup(paired: Sequence[tuple[Row, Row]]) -> float | None:
     """(Σ tokens ÷ Σ time) of the method over (Σ tokens ÷ Σ time) of ar, on the same prompts."""
     new = sum(r["new_tokens"] for r, _ in paired)
-    wall = sum(r["wall_s"] for r, _ in paired)
+    wall = sum(gen_seconds(r) for r, _ in paired)
     ref_new = sum(a["new_tokens"] for _, a in paired)
-    ref_wall = sum(a["wall_s"] for _, a in paired)
+    ref_wall = sum(gen_seconds(a) for _, a in paired)
     if not (new and wall and ref_new and ref_wall):
         return None
     return round((new / wall) / (ref_new / ref_wall), 4)
 
 
 def median_speedup(paired: Sequence[tuple[Row, Row]]) -> float | None:
-    ratios = [(r["new_tokens"] / r["wall_s"]) / (a["new_tokens"] / a["wall_s"]) for r, a in paired if r["new_tokens"] and a["new_tokens"]]
+    ratios = [
+        (r["new_tokens"] / gen_seconds(r)) / (a["new_tokens"] / gen_seconds(a))
+        for r, a in paired
+        if r["new_tokens"] and a["new_tokens"] and gen_seconds(r) > 0 and gen_seconds(a) > 0
+    ]
     return round(statistics.median(ratios), 4) if ratios else None
 
 

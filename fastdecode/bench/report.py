@@ -127,14 +127,16 @@ def render_markdown(summary: dict[str, Any], meta: dict[str, Any], plots: Sequen
         "",
         f"- machine: {machine_line(meta['provenance'], meta['date'])}",
         f"- command: `{meta['command']}`",
+        *([f"- summarized from its rows by: `{meta['report_command']}`"] if meta.get("report_command") else []),
         f"- model {setup.get('model')}, prompts: {meta['prompts']}, max_new_tokens {setup.get('max_new_tokens')}, "
-        f"temperature {setup.get('temperature')}, warm-up {meta.get('warmup')} generation(s) per method",
-        "- speedup = (total new tokens ÷ total wall time, prefill included) ÷ the same for `ar` over the same prompts; "
+        f"temperature {setup.get('temperature')}, warm-up {meta.get('warmup', '?')} generation(s) per method",
+        "- speedup = (total new tokens ÷ total wall time, prefill included, one-time graph capture excluded) ÷ the same for "
+        "`ar` over the same prompts; "
         "methods interleaved per prompt. CPU figures are ratios; absolute times are trusted from the GPU only.",
     ]
     captured = capture_seconds(summary)
     if captured:
-        lines += [f"- warning: {captured:.1f} s of CUDA-graph capture fell inside timed generations (raise --warmup)"]
+        lines += [f"- {captured:.1f} s of one-time CUDA-graph capture fell inside generations: not counted as their time"]
     fails = failing_methods(summary)
     if fails:
         lines += ["", f"**FAIL**: lossless method(s) diverging from `ar` beyond a numeric tie: {', '.join(fails)}"]
