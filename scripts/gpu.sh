@@ -19,11 +19,11 @@ for stage in $stages; do
     tests)   "$py" -m pytest -q -x tests/test_gpu.py 2>&1 | tee "$out/tests.log" || status=1 ;;
     forward) "$py" scripts/gpu_forward_timing.py --out "$out/forward.json" ${FORWARD_ARGS:-} 2>"$out/forward.log" || status=1 ;;
     bench)   "$py" scripts/gpu_bench.py --model "$model" --out "$out/bench.json" ${BENCH_ARGS:-} 2>"$out/bench.log" || status=1 ;;
-    fbench)  # METHODS, DTYPE, PER_CATEGORY, FB_NAME, FB_TIMEOUT; RESUME_FROM: a results folder of an earlier command
+    fbench)  # METHODS, DTYPE, WORKLOAD, PER_CATEGORY, FB_NAME, FB_TIMEOUT; RESUME_FROM: a results folder of an earlier command
              fb="$out/${FB_NAME:-fbench}"; mkdir -p "$fb"
              if [ -n "${RESUME_FROM:-}" ] && [ -f "$RESUME_FROM/results.jsonl" ]; then cp "$RESUME_FROM/results.jsonl" "$fb/"; fi
              timeout "${FB_TIMEOUT:-540}" "$py" -m fastdecode bench --model "$model" --device cuda --dtype "${DTYPE:-bf16}" \
-               --methods "${METHODS:-ar,pld}" --per-category "${PER_CATEGORY:-10}" --max-new-tokens 256 --out "$fb" --resume \
+               --methods "${METHODS:-ar,pld}" --workload "${WORKLOAD:-spec-bench}" --per-category "${PER_CATEGORY:-10}" --max-new-tokens 256 --out "$fb" --resume \
                --no-progress > "$fb.log" 2>&1 || status=1
              tail -40 "$fb.log" ;;
     *) echo "unknown stage $stage"; status=2 ;;
