@@ -268,6 +268,21 @@ def test_auto_pulls_every_arm_and_stays_lossless(tiny_model: Any) -> None:
     assert sum(drafter.pulls.values()) == 8  # type: ignore[attr-defined]
 
 
+def test_auto_values_arms_by_their_total_speed() -> None:
+    """An arm's value is its tokens ÷ seconds over all its requests, relative to the best arm's: one
+    fast outlier request does not squash the others' values together, so the bandit settles on pld."""
+    drafter = make_drafter("auto", arms=("pld", "ar"))
+    drafter.pulls = {"pld": 20, "ar": 3}  # type: ignore[attr-defined]
+    drafter.tokens = {"pld": 20 * 256, "ar": 3 * 256}  # type: ignore[attr-defined]
+    drafter.seconds = {"pld": 19 * 0.1 + 0.02, "ar": 3 * 0.25}  # type: ignore[attr-defined]  # one outlier at 12800 tok/s
+    assert drafter.mean_speeds() == pytest.approx({"pld": 5120 / 1.92, "ar": 1024.0})  # type: ignore[attr-defined]
+    assert drafter.choose() == "pld"  # type: ignore[attr-defined]
+    drafter.pulls["ar"] = 1  # type: ignore[attr-defined]  # few pulls: the exploration bonus wins
+    drafter.tokens["ar"], drafter.seconds["ar"] = 256, 0.25  # type: ignore[attr-defined]
+    drafter.options = type(drafter.options)(arms=("pld", "ar"), exploration=2.0)  # type: ignore[attr-defined]
+    assert drafter.choose() == "ar"  # type: ignore[attr-defined]
+
+
 # ------------------------------------------------------------------ the real model, greedy
 
 
