@@ -19,7 +19,11 @@ class PLDOptions:
     max_ngram: int = 3  # longest suffix matched
     min_ngram: int = 1  # shortest suffix matched
     branches: int = 1  # distinct continuations verified as a tree
-    adaptive: bool = False  # draft depth and width follow acceptance and step time (drafters/adaptive.py)
+    # draft depth and width follow acceptance and step time (drafters/adaptive.py). On by default since the
+    # Spec-Bench runs of docs/benchmarks.md: on the 2-core CPU, where a 10-row verify costs ~1.3x a 1-row
+    # step, it took pld from 1.04x to 1.26x `ar`; on the H200, where any width up to 16 costs the same, the
+    # fixed 10-token draft was 6% faster (2.26x vs 2.12x): pass adaptive=false there
+    adaptive: bool = True
 
     def validate(self) -> None:
         if self.num_draft < 1 or self.branches < 1:
