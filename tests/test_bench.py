@@ -77,6 +77,9 @@ WORKLOAD = Workload("tiny", (
     BenchPrompt("c1", "humaneval", ("def add(a, b):\n    return",), raw=True),
 ))
 SETTINGS = BenchSettings(with_reference([MethodSpec("pld"), MethodSpec("_self")]), max_new_tokens=12, warmup=0)
+# pld's adaptive draft length follows measured step times (and the requests before): only a fixed draft
+# gives the same steps and drafts in a run and its resumption (the tokens are the same either way)
+FIXED = BenchSettings(with_reference([MethodSpec("pld", (("adaptive", "false"),)), MethodSpec("_self")]), max_new_tokens=12, warmup=0)
 RECORD = {"provenance": {"commit": "test", "machine": "test", "device": "cpu", "dtype": "fp32", "threads": 1, "torch": "x",
                          "fastdecode": "x"},
           "setup": {"model": "tiny", "workload": "tiny", "max_new_tokens": 12, "temperature": 0.0, "seed": 0, "top_logits": 8}}
@@ -194,22 +197,22 @@ def test_second_turn_follows_own_first_answer(tmp_path: Path) -> None:
 
 
 def test_resume_runs_nothing_twice_and_gives_the_same_rows(tmp_path: Path) -> None:
-    clean = run(tmp_path / "clean")
+    clean = run(tmp_path / "clean", settings=FIXED)
 
     broken = tiny_generator(CountingGenerator)
     broken.stop_after = 5  # ar and pld on the two-turn prompt, then one turn of _self
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "resumed", broken)
+        run(tmp_path / "resumed", broken, FIXED)
     assert len((tmp_path / "resumed" / RESULTS).read_text().splitlines()) == 2
     with (tmp_path / "resumed" / RESULTS).open("a") as f:
         f.write('{"prompt_id": "w1", "meth')  # a row cut short by the interruption
 
     again = tiny_generator(CountingGenerator)
-    rows = run(tmp_path / "resumed", again, resume=True)
+    rows = run(tmp_path / "resumed", again, FIXED, resume=True)
     assert again.calls == ["_self", "_self"] + ["ar", "pld", "_self"] * 2  # only what was missing
     assert [non_timing(r) for r in rows] == [non_timing(r) for r in clean]
     again.calls = []
-    assert run(tmp_path / "resumed", again, resume=True) == rows and again.calls == []
+    assert run(tmp_path / "resumed", again, FIXED, resume=True) == rows and again.calls == []
 
 
 def test_resume_refuses_other_provenance_and_overwrite(tmp_path: Path) -> None:
