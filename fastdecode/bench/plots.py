@@ -29,7 +29,7 @@ def speedup_plot(summary: dict[str, Any], path: Path, title: str) -> Path:
     plt = _pyplot()
     columns = [*summary["groups"], OVERALL]
     methods = [m for m in summary["methods"] if m != REFERENCE]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(columns) * max(1, len(methods)) ** 0.5 + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 1.1 * len(columns) * max(1, len(methods)) ** 0.5 + 2)), 5.0))
     width = 0.8 / max(1, len(methods))
     for i, m in enumerate(methods):
         values = [_speedup(summary, c, m) for c in columns]
