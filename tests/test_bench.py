@@ -343,6 +343,8 @@ def test_select_rows_and_generation_time() -> None:
 
 
 def test_cli_checks_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "not-rows").mkdir()
+    (tmp_path / "not-rows" / RESULTS).write_text('{"a": 1}\n[2]\n')
     assert [m.label for m in method_specs("pld,ar", ["pld.num_draft=5"])] == ["ar", "pld(num_draft=5)"]
     # one method in several variants: bracket options are the entry's own, --opt applies to every entry
     variants = method_specs("pld,pld[adaptive=true],pld[num_draft=4,max_ngram=2]", ["pld.num_draft=5"])
@@ -362,6 +364,7 @@ def test_cli_checks_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture
         ["bench", "--workload", str(tmp_path / "missing.jsonl")],
         ["bench", "--max-new-tokens", "0"],
         ["bench", "--report-only", str(tmp_path / "nothing-here")],
+        ["bench", "--report-only", str(tmp_path / "not-rows")],
     ):
         assert main(argv) == 2, argv
         assert capsys.readouterr().err.startswith("fastdecode: error:")

@@ -170,6 +170,8 @@ def report_only(args: argparse.Namespace) -> int:
         every = [json.loads(line) for line in complete.splitlines() if line.strip()]
     except json.JSONDecodeError as e:
         raise ValueError(f"--report-only: {src / RESULTS} is not JSON lines ({e})") from None
+    if not all(isinstance(r, dict) and {"prompt_id", "method", "category"} <= r.keys() for r in every):
+        raise ValueError(f"--report-only: {src / RESULTS} holds lines that are not fastdecode bench rows")
     rows = select_rows(every, split_list(args.categories), args.per_category)
     if not any(r["method"] == REFERENCE for r in rows):
         raise ValueError(f"--report-only: no `ar` rows in {src / RESULTS} for these categories")
