@@ -31,6 +31,7 @@ tests check it against `LlamaModel` there; `layers=` calls and foreign caches fa
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -38,6 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +49,55 @@ from fastdecode.models.llama import Block, LlamaModel, ModelConfig
 WIDTHS = (1, 2, 4, 8, 16, 32, 64)  # verify / AR forwards, padded up to one of these
 PREFILL_WIDTHS = (128, 256, 512, 1024, 2048)  # prefill chunks; longer prompts run in several chunks
 MIN_SPAN = 256  # the smallest cache span attention reads; spans are powers of two from here
+
+
+# How each fused linear launches (triton_kernels.fused_linear): columns per program, K chunk, tensor cores or
+# CUDA cores, warps, pipeline stages — per width bucket, since the best launch for the one-row AR step (CUDA
+# cores, narrow column blocks, so that even the 576-column projections spread over the whole GPU) is not the
+# best for a 16-row verify. `wide` serves the width buckets that `widths` does not list. Measured on the H200
+# by scripts/gpu_kernel_sweep.py; FASTDECODE_TUNING (JSON, or a JSON file) overrides any part of it.
+LINEARS = ("qkv", "o", "gu", "down", "lm")
+_TC = {"dot": True, "num_warps": 4, "num_stages": 3}
+DEFAULT_TUNING: dict[str, Any] = {
+    "widths": {},
+    "wide": {
+        "qkv": {"block_n": 32, "block_k": 128, **_TC},
+        "o": {"block_n": 16, "block_k": 128, **_TC},
+        "gu": {"block_n": 16, "block_k": 128, **_TC},
+        "down": {"block_n": 16, "block_k": 256, **_TC},
+        "lm": {"block_n": 128, "block_k": 128, **_TC},
+    },
+}
+_LAUNCH_KEYS = {"block_n", "block_k", "dot", "num_warps", "num_stages"}
+
+
+def load_tuning(spec: str | None = None) -> dict[str, Any]:
+    """DEFAULT_TUNING with `spec` (JSON text or a JSON file's path; default $FASTDECODE_TUNING) merged over it.
+    A width listed in `widths` takes every projection it does not name from `wide`."""
+    spec = os.environ.get("FASTDECODE_TUNING", "") if spec is None else spec
+    tuning = json.loads(json.dumps(DEFAULT_TUNING))
+    if not spec:
+        return tuning
+    try:
+        text = spec if spec.lstrip().startswith("{") else open(spec).read()
+        over = json.loads(text)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"FASTDECODE_TUNING: cannot read {spec!r}: {e}") from None
+    if not isinstance(over, dict) or set(over) - {"widths", "wide"}:
+        raise ValueError(f"FASTDECODE_TUNING: expected the keys widths and wide; got {spec!r}")
+    groups = [(tuning["wide"], over.get("wide", {}))]
+    for width, kinds in over.get("widths", {}).items():
+        if int(width) not in WIDTHS:
+            raise ValueError(f"FASTDECODE_TUNING: width {width} is not a decode width bucket ({', '.join(map(str, WIDTHS))})")
+        groups.append((tuning["widths"].setdefault(str(int(width)), {}), kinds))
+    for have, kinds in groups:
+        for kind, cfg in kinds.items():
+            if kind not in LINEARS:
+                raise ValueError(f"FASTDECODE_TUNING: unknown linear {kind!r} (one of {', '.join(LINEARS)})")
+            if set(cfg) - _LAUNCH_KEYS:
+                raise ValueError(f"FASTDECODE_TUNING: unknown launch keys {sorted(set(cfg) - _LAUNCH_KEYS)} for {kind!r}")
+            have[kind] = {**have.get(kind, tuning["wide"][kind]), **cfg}
+    return tuning
 
 
 def width_bucket(t: int) -> int:
@@ -148,12 +199,16 @@ class StaticKVCache(KVCache):
         return self.k.numel() * self.k.element_size() * 2
 
 
+GraphKey = tuple[int, int, bool, bool, tuple[int, ...] | None]  # (width, span, causal, logits, layers or None = all)
+
+
 @dataclass
 class _Graph:
     graph: Any  # torch.cuda.CUDAGraph, or None where forwards run eagerly
-    run: Callable[[], tuple[torch.Tensor | None, torch.Tensor]]
+    run: Callable[[], tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]]
     logits: torch.Tensor | None  # (Tb, V) fp32, the captured output
     hidden: torch.Tensor  # (Tb, D)
+    argmax: torch.Tensor | None  # (Tb,) int64: each row's greedy token, computed in the graph
 
 
 class GraphRunner:
@@ -178,18 +233,19 @@ class GraphRunner:
         if kernels == "triton" and not self._triton_fits(model):
             kernels = "torch"
         self.kernels = kernels
-        # tuning of the fused kernels (measured on the H200: scripts/gpu_forward_timing.py)
+        # tuning of the fused kernels (measured on the H200: scripts/gpu_kernel_sweep.py, gpu_forward_timing.py)
         self.attn_block_s = int(os.environ.get("FASTDECODE_ATTN_BLOCK", "32"))
         self.attn_splits = int(os.environ.get("FASTDECODE_ATTN_SPLITS", "32"))  # 0: one pass over the cache per kv head
         self.triton_max_width = int(os.environ.get("FASTDECODE_TRITON_MAX_WIDTH", "64"))  # wider forwards: torch kernels
-        self.lin_block_k = int(os.environ.get("FASTDECODE_LIN_BK", "128"))
-        self.lin_block_n = int(os.environ.get("FASTDECODE_LIN_BN", "16"))
+        self.tuning = load_tuning()
         self.verbose = verbose
         self.capture_seconds = 0.0  # capture + compilation, all graphs so far
-        self.graphs: dict[tuple[int, int, bool, bool], _Graph] = {}  # (width, span, causal, logits) -> graph
-        self.last_key: tuple[int, int, bool, bool] | None = None
+        self.graphs: dict[GraphKey, _Graph] = {}
+        self.last_key: GraphKey | None = None
+        self._last: _Graph | None = None
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        self._storage: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._storage: tuple[torch.Tensor, torch.Tensor] | None = None  # the target's cache
+        self._draft_storage: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer-subset caches, by layer count
         cfg = self.cfg
         blocks = self._blocks = cast("list[Block]", list(model.layers))
         with torch.no_grad():
@@ -208,7 +264,12 @@ class GraphRunner:
                 self._w_lm_n = model.lm_head.weight * model.norm.weight[None, :]
         self._cap = -(-cfg.max_position // 64) * 64  # cache slots attention may read; slot `_cap` is scratch
         maxw = PREFILL_WIDTHS[-1]
-        self._ints = torch.zeros(3 * maxw + WIDTHS[-1] ** 2, dtype=torch.int64, device=model.device)  # ids|pos|slots|mask
+        n_ints = 3 * maxw + WIDTHS[-1] ** 2
+        self._ints = torch.zeros(n_ints, dtype=torch.int64, device=model.device)  # ids|pos|slots|mask
+        # the host side of `_ints`: filled through numpy, sent by one asynchronous copy (pinned memory on a GPU)
+        self._host = torch.zeros(n_ints, dtype=torch.int64, pin_memory=model.device.type == "cuda")
+        self._host_np = self._host.numpy()
+        self._copied = torch.cuda.Event() if model.device.type == "cuda" else None  # the last copy out of _host
         self._cols = torch.arange(self._cap, device=model.device)
         self._tril: dict[int, torch.Tensor] = {}
         fns: dict[str, Callable[..., Any]] = dict(
@@ -238,9 +299,22 @@ class GraphRunner:
             raise AttributeError(name)
         return getattr(self.model, name)
 
+    @property
+    def eager_model(self) -> LlamaModel:
+        """The model itself, for one-off forwards not worth a graph (a drafter's calibration)."""
+        return self.model
+
     def new_cache(self, batch: int, length: int, layers: int | None = None) -> KVCache:
-        """A plain cache, as the model gives (drafters' own caches); forwards into it run without graphs."""
-        return self.model.new_cache(batch, length, layers)
+        """A cache for a drafter. One over a subset of the layers (layer-skip drafts) lives in storage of the
+        runner's, so forwards into it with `layers=` replay graphs too; any other is a plain cache, and
+        forwards into it run the model without graphs. Each call for the same layer count hands the same
+        storage out again."""
+        if batch != 1 or layers is None:
+            return self.model.new_cache(batch, length, layers)
+        if layers not in self._draft_storage:
+            self._draft_storage[layers] = self._new_storage(layers)
+        k, v = self._draft_storage[layers]
+        return StaticKVCache(k, v, min(length, self.cfg.max_position))
 
     def new_target_cache(self, batch: int, length: int) -> KVCache:
         """The target's cache, over the runner's own storage, which the graphs point at (the engine's).
@@ -248,14 +322,28 @@ class GraphRunner:
         if batch != 1:
             return self.model.new_cache(batch, length)
         if self._storage is None:
-            cfg = self.cfg
-            shape = (cfg.num_layers, 1, cfg.num_kv_heads, self._cap + 1, cfg.head_dim)
-            self._storage = (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-            )
+            self._storage = self._new_storage(self.cfg.num_layers)
         k, v = self._storage
         return StaticKVCache(k, v, min(length, self.cfg.max_position))
+
+    def _new_storage(self, num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        shape = (num_layers, 1, cfg.num_kv_heads, self._cap + 1, cfg.head_dim)
+        return (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
+
+    def _storage_of(self, cache: KVCache, layers: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if layers is None:
+            return self._storage if self._storage is not None and cache.k is self._storage[0] else None
+        st = self._draft_storage.get(len(layers))
+        return st if st is not None and cache.k is st[0] else None
+
+    def greedy_tokens(self, rows: int) -> list[int] | None:
+        """The argmax of the first `rows` logits rows of the last forward, computed inside its graph (one small
+        read instead of a separate argmax launch); None when the last forward had no logits."""
+        g = self._last
+        if g is None or g.argmax is None:
+            return None
+        return g.argmax[:rows].tolist()
 
     def __call__(
         self,
@@ -270,22 +358,24 @@ class GraphRunner:
         """Same contract as `LlamaModel.forward`. The returned tensors are views of the graph's outputs:
         valid until the next call."""
         B, T = tokens.shape
-        foreign = self._storage is None or cache.k is not self._storage[0]
-        if layers is not None or B != 1 or foreign or (mask is not None and T > WIDTHS[-1]):
+        storage = self._storage_of(cache, layers) if B == 1 else None
+        self._last = None
+        if storage is None or (mask is not None and T > WIDTHS[-1]):
             return self.model(tokens.to(self.device), positions.to(self.device), cache, None if mask is None else mask.to(self.device),
                               num_logits, layers, hidden_only)
+        lkey = None if layers is None else tuple(int(li) for li in layers)
         start = cache.length
         if start + T > cache.max_len:
             raise ValueError(f"the KV cache holds {cache.max_len} rows; {start} used, {T} more asked")
         with torch.no_grad():
             if T <= WIDTHS[-1]:
-                logits, hidden = self._forward(tokens[0], positions[0], start, mask, want_logits=not hidden_only)
+                logits, hidden = self._forward(tokens[0], positions[0], start, mask, not hidden_only, lkey)
                 cache.length = start + T
             else:  # prefill: chunks of at most PREFILL_WIDTHS[-1] rows, each causal over the cache before it
                 hs = []
                 step = PREFILL_WIDTHS[-1]
                 for a in range(0, T, step):
-                    _, h = self._forward(tokens[0, a : a + step], positions[0, a : a + step], cache.length, None, want_logits=False)
+                    _, h = self._forward(tokens[0, a : a + step], positions[0, a : a + step], cache.length, None, False, lkey)
                     cache.length += h.shape[0]
                     hs.append(h if T <= step else h.clone())
                 hidden = hs[0] if len(hs) == 1 else torch.cat(hs)
@@ -294,6 +384,7 @@ class GraphRunner:
                     rows = hidden if num_logits is None else hidden[-num_logits:]
                     logits = self.model.lm_head(rows).float()
                     num_logits = None
+                self._last = None
         hidden = hidden[None]
         if hidden_only:
             return None, hidden
@@ -305,26 +396,41 @@ class GraphRunner:
 
     # ------------------------------------------------------------ static forwards
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, start: int, mask: torch.Tensor | None, want_logits: bool):
+    def _forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        start: int,
+        mask: torch.Tensor | None,
+        want_logits: bool,
+        layers: tuple[int, ...] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Fill the static inputs, run (capturing first if new) the graph of this bucket; -> views (T, …)."""
         T = tokens.shape[0]
         Tb = width_bucket(T)
         # the fused attention reads `start` on the device and covers exactly the cache in use: no span buckets
         Sb = 0 if self._fused(Tb) else span_bucket(start + T, self._cap)
         causal = mask is None
-        pad = Tb - T
-        ids = torch.cat((tokens.to("cpu", torch.int64), torch.zeros(pad, dtype=torch.int64)))
-        pos = torch.cat((positions.to("cpu", torch.int64), torch.zeros(pad, dtype=torch.int64)))
-        slots = torch.cat((torch.arange(start, start + T), torch.full((pad,), self._cap)))
-        parts = [ids, pos, slots]
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous forward's inputs have left the host buffer
+        h = self._host_np
+        h[:T] = tokens.to("cpu", torch.int64).numpy()
+        h[T:Tb] = 0  # padded rows: token 0 at position 0, written to the scratch slot
+        h[Tb : Tb + T] = positions.to("cpu", torch.int64).numpy()
+        h[Tb + T : 2 * Tb] = 0
+        h[2 * Tb : 2 * Tb + T] = np.arange(start, start + T)
+        h[2 * Tb + T : 3 * Tb] = self._cap
+        n = 3 * Tb
         if not causal:
             assert mask is not None
-            m = torch.eye(Tb, dtype=torch.int64)
-            m[:T, :T] = mask.reshape(T, T).to("cpu", torch.int64)
-            parts.append(m.view(-1))
-        host = torch.cat(parts)
-        self._ints[: host.shape[0]].copy_(host, non_blocking=False)
-        key = self.last_key = (Tb, Sb, causal, want_logits)
+            m = h[n : n + Tb * Tb].reshape(Tb, Tb)
+            m[:] = np.eye(Tb, dtype=np.int64)
+            m[:T, :T] = mask.reshape(T, T).to("cpu", torch.int64).numpy()
+            n += Tb * Tb
+        self._ints[:n].copy_(self._host[:n], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        key = self.last_key = (Tb, Sb, causal, want_logits, layers)
         g = self.graphs.get(key)
         if g is None:
             try:
@@ -336,12 +442,14 @@ class GraphRunner:
                 print(msg, file=sys.stderr, flush=True)
                 self.kernels = "torch"
                 self.graphs.clear()
-                return self._forward(tokens, positions, start, mask, want_logits)
+                return self._forward(tokens, positions, start, mask, want_logits, layers)
         if g.graph is not None:
             g.graph.replay()
+            self._last = g
             logits, hidden = g.logits, g.hidden
         else:
-            logits, hidden = g.run()
+            logits, hidden, argmax = g.run()
+            self._last = _Graph(None, g.run, logits, hidden, argmax)
         return (None if logits is None else logits[:T]), hidden[:T]
 
     def _fused(self, Tb: int) -> bool:
@@ -363,7 +471,19 @@ class GraphRunner:
             and hd & (hd - 1) == 0
         )
 
-    def _triton_forward(self, Tb: int, causal: bool, want_logits: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def _layer_plan(self, layers: tuple[int, ...] | None) -> tuple[list[tuple[int, int]], tuple[torch.Tensor, torch.Tensor]]:
+        """[(cache layer, model layer)] to run, and the K/V storage they write: all layers into the target's
+        cache, or a subset into the layer-skip cache of that many layers."""
+        if layers is None:
+            return [(li, li) for li in range(self.cfg.num_layers)], self._storage  # type: ignore[return-value]
+        return list(enumerate(layers)), self._draft_storage[len(layers)]
+
+    def _linear(self, Tb: int, kind: str) -> dict[str, Any]:
+        return self.tuning["widths"].get(str(Tb), {}).get(kind, self.tuning["wide"][kind])
+
+    def _triton_forward(
+        self, Tb: int, causal: bool, want_logits: bool, layers: tuple[int, ...] | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The decode forward in fused Triton kernels: five launches per layer (see triton_kernels.py)."""
         from fastdecode import triton_kernels as tk
 
@@ -381,30 +501,41 @@ class GraphRunner:
         if ns:
             f32 = dict(dtype=torch.float32, device=x.device)
             partials = (torch.empty(ns, Tb * h, hd, **f32), torch.empty(ns, Tb * h, **f32), torch.empty(ns, Tb * h, **f32))
-        bk, bn = self.lin_block_k, self.lin_block_n
-        k_all, v_all = self._storage  # type: ignore[misc]
-        for li, block in enumerate(self._blocks):
-            kc, vc = k_all[li, 0], v_all[li, 0]  # (kvh, cap+1, hd)
+        lin = {kind: self._linear(Tb, kind) for kind in LINEARS}
+        plan, (k_all, v_all) = self._layer_plan(layers)
+        for j, li in plan:
+            block = self._blocks[li]
+            kc, vc = k_all[j, 0], v_all[j, 0]  # (kvh, cap+1, hd)
             rope = (m.rope_cos, m.rope_sin, pos, slots, kc, vc, h, kvh, hd)
-            tk.fused_linear(x, self._w_qkv_n[li], q, tk.ROPE, norm_eps=cfg.rms_eps, rope=rope, block_k=bk)
+            tk.fused_linear(x, self._w_qkv_n[li], q, tk.ROPE, norm_eps=cfg.rms_eps, rope=rope, **lin["qkv"])
             if partials is None:
                 tk.attention(q, kc, vc, o, slots, mask, block_s=self.attn_block_s)
             else:
                 tk.attention_split(q, kc, vc, o, slots, mask, partials, block_s=self.attn_block_s)
-            tk.fused_linear(o, block.self_attn.o_proj.weight, x, tk.RESIDUAL, res=x, block_n=bn, block_k=bk)
-            tk.fused_linear(x, self._w_gu_n[li], mid, tk.SILU, norm_eps=cfg.rms_eps, block_n=bn, block_k=bk)
-            tk.fused_linear(mid, block.mlp.down_proj.weight, x, tk.RESIDUAL, res=x, block_n=bn, block_k=2 * bk)
+            tk.fused_linear(o, block.self_attn.o_proj.weight, x, tk.RESIDUAL, res=x, **lin["o"])
+            tk.fused_linear(x, self._w_gu_n[li], mid, tk.SILU, norm_eps=cfg.rms_eps, **lin["gu"])
+            tk.fused_linear(mid, block.mlp.down_proj.weight, x, tk.RESIDUAL, res=x, **lin["down"])
         hidden = self._fn["rms_norm"](x, m.norm.weight, cfg.rms_eps)
         logits = None
         if want_logits:  # fp32 logits straight from the fp32 accumulator: bf16 rounding would tie near-equal logits
             logits = torch.empty(Tb, cfg.vocab_size, dtype=torch.float32, device=x.device)
-            tk.fused_linear(x, self._w_lm_n, logits, tk.STORE, norm_eps=cfg.rms_eps, block_n=128, block_k=bk)
+            tk.fused_linear(x, self._w_lm_n, logits, tk.STORE, norm_eps=cfg.rms_eps, **lin["lm"])
         return logits, hidden
 
-    def _static_forward(self, Tb: int, Sb: int, causal: bool, want_logits: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """The forward of the model over the static inputs of bucket (Tb, Sb): what a graph captures."""
+    def _static_forward(
+        self, Tb: int, Sb: int, causal: bool, want_logits: bool, layers: tuple[int, ...] | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """The forward of the model over the static inputs of bucket (Tb, Sb): what a graph captures.
+        -> (fp32 logits or None, hidden, each row's argmax or None)."""
         if self._fused(Tb):
-            return self._triton_forward(Tb, causal, want_logits)
+            logits, hidden = self._triton_forward(Tb, causal, want_logits, layers)
+        else:
+            logits, hidden = self._torch_forward(Tb, Sb, causal, want_logits, layers)
+        return logits, hidden, None if logits is None else logits.argmax(-1)
+
+    def _torch_forward(
+        self, Tb: int, Sb: int, causal: bool, want_logits: bool, layers: tuple[int, ...] | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         cfg, fn, m = self.cfg, self._fn, self.model
         h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         rep = h // kvh
@@ -420,9 +551,10 @@ class GraphRunner:
         x = m.embed_tokens(ids)  # (Tb, D)
         cos = m.rope_cos[pos].to(x.dtype)  # (Tb, hd)
         sin = m.rope_sin[pos].to(x.dtype)
-        k_all, v_all = self._storage  # type: ignore[misc]
+        plan, (k_all, v_all) = self._layer_plan(layers)
         res: torch.Tensor | None = None
-        for li, block in enumerate(self._blocks):
+        for j, li in plan:
+            block = self._blocks[li]
             attn = block.self_attn
             if res is None:
                 xn = fn["rms_norm"](x, block.input_layernorm.weight, cfg.rms_eps)
@@ -432,7 +564,7 @@ class GraphRunner:
             qn = attn.q_norm.weight if cfg.qk_norm else None
             kn = attn.k_norm.weight if cfg.qk_norm else None
             q, k, v = fn["rope_split"](qkv, cos, sin, h, kvh, hd, qn, kn, cfg.rms_eps)
-            kc, vc = k_all[li], v_all[li]  # (1, kvh, cap+1, hd)
+            kc, vc = k_all[j], v_all[j]  # (1, kvh, cap+1, hd)
             kc.index_copy_(2, slots, k)
             vc.index_copy_(2, slots, v)
             o = F.scaled_dot_product_attention(q, kc[:, :, :Sb], vc[:, :, :Sb], attn_mask=bias)  # (1, kvh, Tb·rep, hd)
@@ -444,15 +576,15 @@ class GraphRunner:
         logits = F.linear(hidden, m.lm_head.weight).float() if want_logits else None
         return logits, hidden
 
-    def _capture(self, key: tuple[int, int, bool, bool]) -> _Graph:
-        Tb, Sb, causal, want_logits = key
+    def _capture(self, key: GraphKey) -> _Graph:
+        Tb, Sb, causal, want_logits, layers = key
         t0 = time.perf_counter()
 
-        def run() -> tuple[torch.Tensor | None, torch.Tensor]:
-            return self._static_forward(Tb, Sb, causal, want_logits)
+        def run() -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+            return self._static_forward(Tb, Sb, causal, want_logits, layers)
 
         if not self.use_graphs:
-            g = _Graph(None, run, None, torch.empty(0))
+            g = _Graph(None, run, None, torch.empty(0), None)
             self.graphs[key] = g
             return g
         # warm-up on a side stream (compiles the fused pieces); it computes exactly what the replay will
@@ -464,14 +596,16 @@ class GraphRunner:
         torch.cuda.current_stream(self.device).wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits, hidden = run()
+            logits, hidden, argmax = run()
         torch.cuda.synchronize(self.device)
-        g = _Graph(graph, run, logits, hidden)
+        g = _Graph(graph, run, logits, hidden, argmax)
         self.graphs[key] = g
         dt = time.perf_counter() - t0
         self.capture_seconds += dt
         if self.verbose:
             what = f"width {Tb}" + (f" span {Sb}" if Sb else "") + ("" if causal else " tree")
+            if layers is not None:
+                what += f" ({len(layers)} of {self.cfg.num_layers} layers)"
             print(f"fastdecode: captured CUDA graph {what} in {dt:.2f} s", file=sys.stderr, flush=True)
         return g
 

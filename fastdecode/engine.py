@@ -172,6 +172,7 @@ class Engine:
         model, dev = self.model, self.model.device
         in_dev = getattr(model, "input_device", dev)  # a CUDA-graph runner takes its inputs on the host
         capture0 = getattr(model, "capture_seconds", 0.0)
+        greedy_tokens = getattr(model, "greedy_tokens", None)
         self.check_request(len(prompt_ids), stop.max_new_tokens)
         params.validate()
         generator = None
@@ -239,8 +240,11 @@ class Engine:
                 logits = logits[0]  # (1+m+e, V)
                 # 3. the verdict: the longest valid path plus the bonus token
                 if generator is None:
-                    row_pos_t = pos[0, : 1 + m] if params.greedy else pos[0, : 1 + m].to(logits.device)  # greedy ignores them
-                    choice = choose_tokens(logits[: 1 + m], row_pos_t, params).tolist()
+                    # greedy: a graph runner has each row's argmax already (computed inside its graph)
+                    choice = greedy_tokens(1 + m) if params.greedy and greedy_tokens is not None else None
+                    if choice is None:
+                        row_pos_t = pos[0, : 1 + m] if params.greedy else pos[0, : 1 + m].to(logits.device)  # greedy ignores them
+                        choice = choose_tokens(logits[: 1 + m], row_pos_t, params).tolist()
                     verdict = verify_match(proposal, choice)
                 else:
                     verdict = verify_rejection(proposal, target_probs(logits[: 1 + m], params), generator)

@@ -45,16 +45,17 @@ if triton is not None:
         M, N, K, eps,
         NORM: tl.constexpr, EPI: tl.constexpr, OFF2: tl.constexpr,
         NQ: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        if EPI == 3:
-            col0 = pid_n * HD  # one head per program: columns d and d + HD/2 rotate together
+        if EPI == 3:  # ROPE: HD // 2 // BLOCK_N programs per head; columns d and d + HD/2 rotate together
+            head = pid_n // (HD // 2 // BLOCK_N)
+            d = (pid_n % (HD // 2 // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's d < HD/2
+            rn = head * HD + d
         else:
-            col0 = pid_n * BLOCK_N
-        rn = col0 + tl.arange(0, BLOCK_N)
+            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok = rm < M
         n_ok = rn < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -68,10 +69,16 @@ if triton is not None:
                 af = a.to(tl.float32)
                 ss += tl.sum(af * af, 1)
             w = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)  # (BK, BN)
-            acc = tl.dot(a, w, acc)
+            if DOT:  # tensor cores: rows padded to BLOCK_M >= 16
+                acc = tl.dot(a, w, acc)
+            else:  # a few rows: multiply and reduce on the CUDA cores, any BLOCK_M and BLOCK_N
+                acc += tl.sum(a.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], 1)
             if EPI == 1 or EPI == 3:
                 w2 = tl.load(w_ptr + (rn + OFF2)[None, :] * stride_wn + rk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-                acc2 = tl.dot(a, w2, acc2)
+                if DOT:
+                    acc2 = tl.dot(a, w2, acc2)
+                else:
+                    acc2 += tl.sum(a.to(tl.float32)[:, :, None] * w2.to(tl.float32)[None, :, :], 1)
         if NORM:
             scale = 1.0 / tl.sqrt(ss / K + eps)
             acc = acc * scale[:, None]
@@ -85,11 +92,10 @@ if triton is not None:
             r = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
             y = r.to(tl.float32) + acc
             tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-        else:  # ROPE: program pid_n is q head pid_n, then k heads, then v heads
-            d = tl.arange(0, BLOCK_N)  # BLOCK_N == HD // 2
+        else:  # ROPE: heads are q heads, then k heads, then v heads
             x1 = acc.to(a_ptr.dtype.element_ty).to(tl.float32)  # the projection rounds as the model's does
             x2 = acc2.to(a_ptr.dtype.element_ty).to(tl.float32)
-            if pid_n < NQ + NKV:
+            if head < NQ + NKV:
                 pos = tl.load(pos_ptr + rm, mask=m_ok, other=0)
                 c = tl.load(cos_ptr + pos[:, None] * HD + d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
                 s = tl.load(sin_ptr + pos[:, None] * HD + d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
@@ -98,16 +104,16 @@ if triton is not None:
             else:
                 y1 = x1
                 y2 = x2
-            if pid_n < NQ:
-                base = out_ptr + rm[:, None] * (NQ * HD) + pid_n * HD + d[None, :]
+            if head < NQ:
+                base = out_ptr + rm[:, None] * (NQ * HD) + head * HD + d[None, :]
                 tl.store(base, y1.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
                 tl.store(base + HD // 2, y2.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
             else:
                 slot = tl.load(slot_ptr + rm, mask=m_ok, other=0)
-                if pid_n < NQ + NKV:
-                    base = kc_ptr + (pid_n - NQ) * stride_ch + slot[:, None] * HD + d[None, :]
+                if head < NQ + NKV:
+                    base = kc_ptr + (head - NQ) * stride_ch + slot[:, None] * HD + d[None, :]
                 else:
-                    base = vc_ptr + (pid_n - NQ - NKV) * stride_ch + slot[:, None] * HD + d[None, :]
+                    base = vc_ptr + (head - NQ - NKV) * stride_ch + slot[:, None] * HD + d[None, :]
                 tl.store(base, y1.to(kc_ptr.dtype.element_ty), mask=m_ok[:, None])
                 tl.store(base + HD // 2, y2.to(kc_ptr.dtype.element_ty), mask=m_ok[:, None])
 
@@ -241,16 +247,25 @@ def fused_linear(
     norm_eps: float | None = None,  # RMSNorm the rows of `a` first (its weight already folded into w)
     res: torch.Tensor | None = None,
     rope: tuple | None = None,  # (cos, sin, pos, slots, k_cache, v_cache, NQ, NKV, HD) for ROPE
-    block_n: int = 32,
+    block_n: int = 32,  # ROPE: columns per program within a head's half (divides HD / 2)
     block_k: int = 64,
+    dot: bool = True,  # tensor cores (rows padded to 16); False: CUDA-core reduction, for one to a few rows
+    num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     M, K = a.shape
     N = w.shape[0] // 2 if epi == SILU else w.shape[0]
     nq = nkv = hd = 1
+    if dot:
+        block_n = max(block_n, 16)  # tl.dot's smallest tile
     if epi == ROPE:
         assert rope is not None
         cos, sin, pos, slots, kc, vc, nq, nkv, hd = rope
-        block_n, off2, grid_n = hd // 2, hd // 2, nq + 2 * nkv
+        half = hd // 2
+        block_n = min(block_n, half)
+        if half % block_n:
+            raise ValueError(f"fused_linear: block_n {block_n} must divide head_dim / 2 = {half}")
+        off2, grid_n = half, (nq + 2 * nkv) * (half // block_n)
         stride_ch = kc.stride(0)
     else:
         cos = sin = pos = slots = kc = vc = out
@@ -259,13 +274,13 @@ def fused_linear(
         stride_ch = 0
     if res is None:
         res = out
-    bm = _block_m(M)
+    bm = _block_m(M) if dot else triton.next_power_of_2(M)
     _fused_linear_kernel[(grid_n, triton.cdiv(M, bm))](
         a, a.stride(0), w, w.stride(0), out, out.stride(0), res, res.stride(0),
         cos, sin, pos, slots, kc, vc, stride_ch,
         M, N, K, 0.0 if norm_eps is None else norm_eps,
         NORM=norm_eps is not None, EPI=epi, OFF2=off2, NQ=nq, NKV=nkv, HD=hd,
-        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3,
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, DOT=dot, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

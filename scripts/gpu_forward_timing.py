@@ -72,9 +72,10 @@ def kernel_profile(fn) -> dict:
 
 def time_variant(model: LlamaModel, ids: torch.Tensor, variant: str, with_engine: bool, res: dict, lines: list[str]) -> None:
     """One runner configuration: prefill, every decode width (graph replay and the whole call), kernels, the engine."""
-    kernels, splits, bk, bn, block = variant.split(":")
+    kernels, splits, block, *tuning = variant.split(":")
     tag = variant
-    os.environ.update(FASTDECODE_ATTN_SPLITS=splits, FASTDECODE_LIN_BK=bk, FASTDECODE_LIN_BN=bn, FASTDECODE_ATTN_BLOCK=block)
+    os.environ.update(FASTDECODE_ATTN_SPLITS=splits, FASTDECODE_ATTN_BLOCK=block)
+    os.environ["FASTDECODE_TUNING"] = "" if not tuning or tuning[0] == "default" else tuning[0]
     t0 = time.perf_counter()
     runner = GraphRunner(model, kernels=kernels)
     rc = runner.new_target_cache(1, 8192)
@@ -103,6 +104,7 @@ def time_variant(model: LlamaModel, ids: torch.Tensor, variant: str, with_engine
         if T in (1, 16):  # kernels of this forward, run eagerly over the inputs just uploaded
             Tb, Sb = runner.last_key[0], runner.last_key[1]
             p = res[f"{tag}_profile_T{T}"] = kernel_profile(lambda: runner._static_forward(Tb, Sb, True, True))  # noqa: B023
+            res[f"{tag}_tuning"] = runner.tuning
             lines.append(f"runner {tag} T={T}: {p['kernels']} kernels, {p['kernel_us']:.0f} us of kernel time")
         lines.append(f"runner {tag} T={T:<3} replay {replay:.3f} ms  call+sync {call:.3f} ms  capture {cap:.2f} s")
         if T == 16:
@@ -119,10 +121,11 @@ def time_variant(model: LlamaModel, ids: torch.Tensor, variant: str, with_engine
     from fastdecode.sampling import SamplingParams
 
     prompt = ids[0].tolist() + [5]
-    for method in ("ar", "pld"):
+    # layerskip with a fixed half of the layers: its partial forwards replay graphs of their own
+    for method, opts in (("ar", {}), ("pld", {}), ("layerskip", {"layers": tuple(range(0, 30, 2))})):
         for _ in range(2):  # the first run captures what it needs
             st = GenerationStats()
-            for _ in Engine(runner).generate(prompt, make_drafter(method), SamplingParams(), StopConditions(256), st):
+            for _ in Engine(runner).generate(prompt, make_drafter(method, **opts), SamplingParams(), StopConditions(256), st):
                 pass
         n = len(st.trace)
         e = res[f"{tag}_engine_{method}"] = {
@@ -137,9 +140,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default=None, help="a GGUF (default: random weights of SmolLM2-135M's shape)")
-    ap.add_argument("--variants", default="triton:32:128:16:32,triton:16:128:16:64,triton:0:64:32:128,torch:0:0:0:0",
-                    help="runner variants: kernels:attention-splits:linear-block-k:linear-block-n:attention-block-s "
-                         "(kernels: triton = fused decode kernels, torch = compiled torch)")
+    ap.add_argument("--variants", default="triton:32:32,triton:16:64,torch:0:0",
+                    help="runner variants: kernels:attention-splits:attention-block-s[:tuning] (kernels: triton = fused "
+                         "decode kernels, torch = compiled torch; tuning: default, or a JSON file for FASTDECODE_TUNING)")
     args = ap.parse_args()
     if args.model:
         from fastdecode.models.loader import build_model, load_weights, resolve

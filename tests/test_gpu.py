@@ -7,6 +7,8 @@ on a GPU (skipped without one; scripts/gpu.sh runs them on the device).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -85,10 +87,14 @@ def test_prefill_in_chunks(device: str, monkeypatch: pytest.MonkeyPatch) -> None
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method,options", [("ar", {}), ("pld", {}), ("pld", {"branches": 3}), ("_self", {}), ("_random-tree", {})])
+@pytest.mark.parametrize(
+    "method,options",
+    [("ar", {}), ("pld", {}), ("pld", {"branches": 3}), ("_self", {}), ("_random-tree", {}), ("layerskip", {"layers": (0, 2)})],
+)
 def test_engine_same_tokens(device: str, method: str, options: dict) -> None:
     """Greedy and seeded sampling give the same tokens through the runner as through the model (fp32); `_self`
-    drafts with the target in a cache of its own, which must not share the runner's storage."""
+    drafts with the target in a cache of its own, which must not share the runner's storage; `layerskip`'s
+    partial forwards run in the runner's layer-subset cache and graphs."""
     model = tiny(device)
     runner = GraphRunner(model, compile=False, verbose=False)
     prompt = [int(x) for x in torch.randint(0, 20, (40,), generator=torch.Generator().manual_seed(2))] * 2
@@ -99,6 +105,50 @@ def test_engine_same_tokens(device: str, method: str, options: dict) -> None:
             steps = Engine(target).generate(prompt, make_drafter(method, **options), params, StopConditions(60), st)
             outs.append([t for piece in steps for t in piece])
         assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_subset_forward_matches_model(device: str) -> None:
+    """`layers=` forwards into a cache from `runner.new_cache(..., layers=n)` run the static path (graphs on a GPU)
+    and compute what the model computes with those layers; the greedy tokens come from inside the forward."""
+    model = tiny(device)
+    runner = GraphRunner(model, compile=False, verbose=False)
+    layers = (0, 2)
+    ref, got = model.new_cache(1, 600, layers=2), runner.new_cache(1, 600, layers=2)
+    assert got.k.shape[0] == 2 and runner.new_cache(1, 600, layers=2).k is got.k  # one storage per layer count
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for T in (70, 1, 3, 1):  # a prefill chunk, then decode widths
+            s = ref.length
+            ids, pos = torch.randint(0, 101, (1, T), generator=gen), torch.arange(s, s + T)[None]
+            la, _ = model(ids.to(device), pos.to(device), ref, layers=layers)
+            lb, _ = runner(ids, pos, got, layers=layers)
+            torch.testing.assert_close(lb, la, atol=1e-4, rtol=1e-4)
+            assert got.length == ref.length
+            if T <= 64:
+                assert runner.last_key is not None and runner.last_key[4] == layers
+                assert runner.greedy_tokens(T) == la[0].argmax(-1).tolist()
+    n = ref.length
+    torch.testing.assert_close(got.k[:, :, :, :n], ref.k[:, :, :, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_tuning_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    t = cuda_graphs.load_tuning('{"widths": {"1": {"down": {"block_n": 4, "dot": false}}}}')
+    assert t["widths"]["1"]["down"] == {**cuda_graphs.DEFAULT_TUNING["wide"]["down"], "block_n": 4, "dot": False}
+    assert t["wide"] == cuda_graphs.DEFAULT_TUNING["wide"]
+    model = tiny("cpu")
+    monkeypatch.setenv("FASTDECODE_TUNING", '{"widths": {"1": {"down": {"block_n": 4, "dot": false}}}}')
+    runner = GraphRunner(model, compile=False, verbose=False)
+    assert runner._linear(1, "down")["block_n"] == 4 and runner._linear(1, "o") == runner._linear(2, "o") == t["wide"]["o"]
+    f = tmp_path / "t.json"
+    f.write_text('{"wide": {"lm": {"block_n": 64}}}')
+    monkeypatch.setenv("FASTDECODE_TUNING", str(f))
+    assert cuda_graphs.load_tuning()["wide"]["lm"]["block_n"] == 64
+    for bad, msg in (('{"wide": {"mlp": {}}}', "unknown linear 'mlp'"), (str(tmp_path / "missing.json"), "cannot read"),
+                     ('{"rows": 1}', "expected the keys"), ('{"widths": {"3": {}}}', "width 3 is not"),
+                     ('{"wide": {"o": {"bn": 4}}}', "unknown launch keys")):
+        with pytest.raises(ValueError, match=msg):
+            cuda_graphs.load_tuning(bad)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -134,8 +184,14 @@ def test_compiled_runner_close_to_model() -> None:
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("T", [1, 5, 16, 64])
 @pytest.mark.parametrize("tree", [False, True])
-def test_triton_kernels_close_to_model(T: int, tree: bool) -> None:
-    """The fused Triton decode forward (bf16) is as close to the fp32 model as the bf16 model itself is."""
+@pytest.mark.parametrize("small", [False, True])
+def test_triton_kernels_close_to_model(T: int, tree: bool, small: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused Triton decode forward (bf16) is as close to the fp32 model as the bf16 model itself is, with
+    the tensor-core kernels and with the CUDA-core ones (narrow column blocks, RoPE heads split in programs)."""
+    if small:
+        narrow = {"block_n": 4, "block_k": 64, "dot": False, "num_warps": 2, "num_stages": 2}
+        widths = {str(w): {k: narrow for k in cuda_graphs.LINEARS} for w in cuda_graphs.WIDTHS}
+        monkeypatch.setenv("FASTDECODE_TUNING", json.dumps({"widths": widths}))
     cfg = ModelConfig(vocab_size=301, hidden_size=128, intermediate_size=160, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=64,
                       max_position=600, tie_embeddings=True)
     exact = tiny("cuda", cfg)
@@ -146,7 +202,7 @@ def test_triton_kernels_close_to_model(T: int, tree: bool) -> None:
     model.load_state_dict(exact.state_dict())
     model = model.to(torch.bfloat16)
     runner = GraphRunner(model, kernels="triton", verbose=False)
-    assert runner.kernels == "triton"
+    assert runner.kernels == "triton" and (runner._linear(64, "down")["dot"] is False) == small
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 301, (1, 200), generator=gen)
     new = torch.randint(0, 301, (1, T), generator=gen)

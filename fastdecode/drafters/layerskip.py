@@ -237,7 +237,8 @@ class LayerSkip(Drafter):
         self.generator = None  # seeded from the request's seed at the first step: fresh noise per request
 
     def draft_layers(self, ctx: DraftContext) -> list[int]:
-        model = ctx.target.model
+        # calibration tries many layer subsets once each: run them on the model itself, not through CUDA graphs
+        model = getattr(ctx.target.model, "eager_model", ctx.target.model)
         if self.layers is None:
             tok = getattr(ctx.target, "tokenizer", None)
             if tok is not None:  # calibrate on Spec-Bench chat prompts (chosen by calib_seed)
