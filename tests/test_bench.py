@@ -395,3 +395,13 @@ def test_transformers_peer_on_the_same_weights(tmp_path: Path) -> None:
     rows = run_bench(gen, WORKLOAD, settings, tmp_path / "out", RECORD, peers, progress=False)
     peer_rows = [r for r in rows if r["kind"] == "peer"]
     assert len(peer_rows) == 6 and all(r["error"] is None and r["exact"] for r in peer_rows), [r.get("divergence") for r in peer_rows]
+
+
+def test_commit_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy of the checkout whose git metadata is stale (the GPU machine's) names its commit through the environment."""
+    from fastdecode.bench.provenance import git_commit
+
+    monkeypatch.delenv("FASTDECODE_COMMIT", raising=False)
+    real = git_commit()
+    monkeypatch.setenv("FASTDECODE_COMMIT", "abc123+gpu")
+    assert git_commit() == "abc123+gpu" != real

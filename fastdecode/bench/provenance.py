@@ -7,6 +7,7 @@ describes the environment; it never changes it (thread counts are set by the cal
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -17,7 +18,10 @@ import fastdecode
 
 
 def git_commit() -> str:
-    """The commit of the fastdecode checkout, with `+dirty` when tracked files changed; `unknown` outside git."""
+    """The commit of the fastdecode checkout, with `+dirty` when tracked files changed; `unknown` outside git.
+    $FASTDECODE_COMMIT overrides it, for copies of a checkout whose git metadata is not theirs (the GPU machine's)."""
+    if os.environ.get("FASTDECODE_COMMIT"):
+        return os.environ["FASTDECODE_COMMIT"]
     root = Path(fastdecode.__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10)
