@@ -52,14 +52,22 @@ MIN_SPAN = 256  # the smallest cache span attention reads; spans are powers of t
 
 
 # How each fused linear launches (triton_kernels.fused_linear): columns per program, K chunk, tensor cores or
-# CUDA cores, warps, pipeline stages — per width bucket, since the best launch for the one-row AR step (CUDA
-# cores, narrow column blocks, so that even the 576-column projections spread over the whole GPU) is not the
-# best for a 16-row verify. `wide` serves the width buckets that `widths` does not list. Measured on the H200
-# by scripts/gpu_kernel_sweep.py; FASTDECODE_TUNING (JSON, or a JSON file) overrides any part of it.
+# CUDA cores, warps, pipeline stages. `narrow` serves every forward of at most 16 rows (the AR step, single-token
+# drafts, a verify of up to 15 drafts) and `wide` the 32- and 64-row ones. Within `narrow` one launch per
+# projection serves every width, and both kernels compute a row the same way whatever the width (tensor cores
+# pad rows to one 16-row tile; the CUDA-core kernel runs its rows one by one), so the AR step and the verify
+# round of a draft agree to the bit and greedy speculative decoding stays token-identical in bf16 too.
+# Measured on the H200 by scripts/gpu_kernel_sweep.py; FASTDECODE_TUNING (JSON, or a JSON file) overrides any part.
 LINEARS = ("qkv", "o", "gu", "down", "lm")
 _TC = {"dot": True, "num_warps": 4, "num_stages": 3}
 DEFAULT_TUNING: dict[str, Any] = {
-    "widths": {},
+    "narrow": {
+        "qkv": {"block_n": 32, "block_k": 128, **_TC},
+        "o": {"block_n": 16, "block_k": 128, **_TC},
+        "gu": {"block_n": 16, "block_k": 128, **_TC},
+        "down": {"block_n": 16, "block_k": 256, **_TC},
+        "lm": {"block_n": 128, "block_k": 128, **_TC},
+    },
     "wide": {
         "qkv": {"block_n": 32, "block_k": 128, **_TC},
         "o": {"block_n": 16, "block_k": 128, **_TC},
@@ -68,12 +76,12 @@ DEFAULT_TUNING: dict[str, Any] = {
         "lm": {"block_n": 128, "block_k": 128, **_TC},
     },
 }
+NARROW_MAX = 16  # widths served by `narrow` (triton_kernels.MAX_ROWS)
 _LAUNCH_KEYS = {"block_n", "block_k", "dot", "num_warps", "num_stages"}
 
 
 def load_tuning(spec: str | None = None) -> dict[str, Any]:
-    """DEFAULT_TUNING with `spec` (JSON text or a JSON file's path; default $FASTDECODE_TUNING) merged over it.
-    A width listed in `widths` takes every projection it does not name from `wide`."""
+    """DEFAULT_TUNING with `spec` (JSON text or a JSON file's path; default $FASTDECODE_TUNING) merged over it."""
     spec = os.environ.get("FASTDECODE_TUNING", "") if spec is None else spec
     tuning = json.loads(json.dumps(DEFAULT_TUNING))
     if not spec:
@@ -83,20 +91,15 @@ def load_tuning(spec: str | None = None) -> dict[str, Any]:
         over = json.loads(text)
     except (OSError, ValueError) as e:
         raise ValueError(f"FASTDECODE_TUNING: cannot read {spec!r}: {e}") from None
-    if not isinstance(over, dict) or set(over) - {"widths", "wide"}:
-        raise ValueError(f"FASTDECODE_TUNING: expected the keys widths and wide; got {spec!r}")
-    groups = [(tuning["wide"], over.get("wide", {}))]
-    for width, kinds in over.get("widths", {}).items():
-        if int(width) not in WIDTHS:
-            raise ValueError(f"FASTDECODE_TUNING: width {width} is not a decode width bucket ({', '.join(map(str, WIDTHS))})")
-        groups.append((tuning["widths"].setdefault(str(int(width)), {}), kinds))
-    for have, kinds in groups:
+    if not isinstance(over, dict) or set(over) - {"narrow", "wide"}:
+        raise ValueError(f"FASTDECODE_TUNING: expected the keys narrow and wide; got {spec!r}")
+    for group, kinds in over.items():
         for kind, cfg in kinds.items():
             if kind not in LINEARS:
                 raise ValueError(f"FASTDECODE_TUNING: unknown linear {kind!r} (one of {', '.join(LINEARS)})")
             if set(cfg) - _LAUNCH_KEYS:
                 raise ValueError(f"FASTDECODE_TUNING: unknown launch keys {sorted(set(cfg) - _LAUNCH_KEYS)} for {kind!r}")
-            have[kind] = {**have.get(kind, tuning["wide"][kind]), **cfg}
+            tuning[group][kind].update(cfg)
     return tuning
 
 
@@ -479,7 +482,7 @@ class GraphRunner:
         return list(enumerate(layers)), self._draft_storage[len(layers)]
 
     def _linear(self, Tb: int, kind: str) -> dict[str, Any]:
-        return self.tuning["widths"].get(str(Tb), {}).get(kind, self.tuning["wide"][kind])
+        return self.tuning["narrow" if Tb <= NARROW_MAX else "wide"][kind]
 
     def _triton_forward(
         self, Tb: int, causal: bool, want_logits: bool, layers: tuple[int, ...] | None

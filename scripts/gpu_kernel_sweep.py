@@ -4,9 +4,10 @@ For each of SmolLM2-135M's five projections (qkv with RoPE and the KV write, o w
 with SiLU, down with the residual, the LM head) and each launch configuration (columns per program, K chunk,
 tensor cores or not, warps), time a CUDA graph that launches the kernel once per weight copy, over enough
 copies that the weights do not stay in L2 (as in a real forward, which reads ~270 MB per token). The
-CUDA-core kernels are timed at 1 row, the tensor-core ones at 16; then the best few of each at 1, 2, 4, 8
-and 16 rows give the best launch per (width bucket, projection). Timing does not depend on the weights, so
-they are random.
+`narrow` launch of each projection (one for every width up to 16, so that rows compute alike at every
+width) is the one with the least time at 1 row plus at 16 rows, over CUDA-core and tensor-core launches;
+the `wide` one (32 and 64 rows) the fastest tensor-core launch at 32 rows. Timing does not depend on the
+weights, so they are random.
 
     python scripts/gpu_kernel_sweep.py --out results/sweep.json --tuning-out /root/tuning.json
     FASTDECODE_TUNING=/root/tuning.json python -m fastdecode bench ...
@@ -78,13 +79,13 @@ def time_us(launch, n: int, cfg: dict, reps: int = 20) -> float:
     return statistics.median(times)
 
 
-def candidates(kind: str, small: bool) -> list[dict]:
+def candidates(kind: str, cuda_cores: bool) -> list[dict]:
     out = []
-    if small:
-        bns = (8, 16, 32, 64) if kind == "lm" else (2, 4, 8, 16)
-        kfull = 1024 if kind != "down" else 2048
-        for bn, bk, w in itertools.product(bns, (256, 512, kfull), (2, 4, 8)):
-            out.append({"block_n": bn, "block_k": bk, "dot": False, "num_warps": w, "num_stages": 3})
+    if cuda_cores:  # one block over all of K
+        bns = (4, 8, 16, 32) if kind == "lm" else (2, 4, 8, 16)
+        kfull = 2048 if kind == "down" else 1024
+        for bn, w in itertools.product(bns, (2, 4, 8)):
+            out.append({"block_n": bn, "block_k": kfull, "dot": False, "num_warps": w, "num_stages": 3})
     else:
         bns = (64, 128, 256) if kind == "lm" else ((16, 32) if kind == "qkv" else (16, 32, 64))
         for bn, bk, w in itertools.product(bns, (64, 128, 256), (4, 8)):
@@ -110,7 +111,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True, help="every timing, as JSON")
     ap.add_argument("--tuning-out", required=True, help="the best tuning, as JSON for FASTDECODE_TUNING")
-    ap.add_argument("--top", type=int, default=4, help="finalists of each kind of kernel tried at every width")
     args = ap.parse_args()
     t0 = time.perf_counter()
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "timings": {}}
@@ -118,28 +118,22 @@ def main() -> None:
     def say(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
-    # 1. every configuration: CUDA cores at one row, tensor cores at 16 rows
-    finalists: dict[str, list[dict]] = {}
+    # narrow (widths 1-16): one launch per projection serves them all; score = time at 1 row + time at 16 rows
+    # wide (widths 32, 64): tensor cores, timed at 32 rows
+    narrow: dict[str, dict] = {}
     wide: dict[str, dict] = {}
     for kind in LINEARS:
-        small = sweep(kind, 1, candidates(kind, True), res, "small")
-        tc = sweep(kind, 16, candidates(kind, False), res, "dot")
-        finalists[kind] = [c for _, c in small[: args.top]] + [c for _, c in tc[: args.top]]
-        wide[kind] = tc[0][1]
-        say(f"{kind:5} small M=1 best {small[0][0]:6.2f} us {small[0][1]}; dot M=16 best {tc[0][0]:6.2f} us {tc[0][1]}")
-    # 2. the finalists at each width the engine runs most: the best per (width, projection)
-    widths: dict[str, dict] = {}
-    for M in (1, 2, 4, 8, 16):
-        widths[str(M)] = {}
-        total = 0.0
-        for kind in LINEARS:
-            rows = sweep(kind, M, finalists[kind], res, "final")
-            widths[str(M)][kind] = rows[0][1]
-            total += rows[0][0]
-        picks = ", ".join(f"{k} {'dot' if c['dot'] else 'cuda'} bn{c['block_n']} bk{c['block_k']} w{c['num_warps']}"
-                          for k, c in widths[str(M)].items())
-        say(f"width {M:2}: {total:6.1f} us for one of each projection: {picks}")
-    best = {"widths": widths, "wide": wide}
+        cfgs = candidates(kind, True) + candidates(kind, False)
+        t1 = {json.dumps(c): us for us, c in sweep(kind, 1, cfgs, res, "narrow")}
+        t16 = {json.dumps(c): us for us, c in sweep(kind, 16, cfgs, res, "narrow")}
+        scored = sorted((t1[k] + t16[k], t1[k], t16[k], k) for k in t1 if k in t16)
+        narrow[kind] = json.loads(scored[0][3])
+        res["timings"][f"{kind}:narrow:score"] = [(round(a, 2), round(b, 2), round(c, 2), json.loads(k)) for a, b, c, k in scored]
+        w32 = sweep(kind, 32, candidates(kind, False), res, "wide")
+        wide[kind] = w32[0][1]
+        say(f"{kind:5} narrow {scored[0][1]:6.2f} us at 1 row, {scored[0][2]:6.2f} us at 16: {narrow[kind]}; "
+            f"wide {w32[0][0]:6.2f} us at 32: {wide[kind]}")
+    best = {"narrow": narrow, "wide": wide}
     res["best"] = best
     res["seconds"] = round(time.perf_counter() - t0, 1)
     with open(args.out, "w") as f:
