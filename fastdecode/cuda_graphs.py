@@ -55,28 +55,28 @@ MIN_SPAN = 256  # the smallest cache span attention reads; spans are powers of t
 # CUDA cores, warps, pipeline stages. `narrow` serves every forward of at most 16 rows (the AR step, single-token
 # drafts, a verify of up to 15 drafts) and `wide` the 32- and 64-row ones. Within `narrow` one launch per
 # projection serves every width, and both kernels compute a row the same way whatever the width (tensor cores
-# pad rows to one 16-row tile; the CUDA-core kernel runs its rows one by one), so the AR step and the verify
+# pad rows to one 16-row tile; the CUDA-core kernel gives each row programs of its own), so the AR step and the verify
 # round of a draft agree to the bit and greedy speculative decoding stays token-identical in bf16 too.
 # Measured on the H200 by scripts/gpu_kernel_sweep.py; FASTDECODE_TUNING (JSON, or a JSON file) overrides any part.
 LINEARS = ("qkv", "o", "gu", "down", "lm")
 _TC = {"dot": True, "num_warps": 4, "num_stages": 3}
 DEFAULT_TUNING: dict[str, Any] = {
     "narrow": {
-        "qkv": {"block_n": 32, "block_k": 128, **_TC},
-        "o": {"block_n": 16, "block_k": 128, **_TC},
-        "gu": {"block_n": 16, "block_k": 128, **_TC},
-        "down": {"block_n": 16, "block_k": 256, **_TC},
-        "lm": {"block_n": 128, "block_k": 128, **_TC},
+        "qkv": {"block_n": 16, "block_k": 128, **_TC},
+        "o": {"block_n": 32, "block_k": 256, **_TC},
+        "gu": {"block_n": 32, "block_k": 128, **_TC},
+        "down": {"block_n": 32, "block_k": 256, **_TC},
+        "lm": {"block_n": 128, "block_k": 64, **_TC},
     },
     "wide": {
-        "qkv": {"block_n": 32, "block_k": 128, **_TC},
-        "o": {"block_n": 16, "block_k": 128, **_TC},
+        "qkv": {"block_n": 16, "block_k": 128, **_TC},
+        "o": {"block_n": 16, "block_k": 256, **_TC},
         "gu": {"block_n": 16, "block_k": 128, **_TC},
         "down": {"block_n": 16, "block_k": 256, **_TC},
-        "lm": {"block_n": 128, "block_k": 128, **_TC},
+        "lm": {"block_n": 256, "block_k": 64, **_TC},
     },
 }
-NARROW_MAX = 16  # widths served by `narrow` (triton_kernels.MAX_ROWS)
+NARROW_MAX = 16  # widths served by `narrow`
 _LAUNCH_KEYS = {"block_n", "block_k", "dot", "num_warps", "num_stages"}
 
 

@@ -26,7 +26,6 @@ except ImportError:  # CPU-only installs: the runner uses its torch path
     tl = None  # type: ignore[assignment]
 
 STORE, SILU, RESIDUAL, ROPE = 0, 1, 2, 3  # epilogues of fused_linear
-MAX_ROWS = 16  # the CUDA-core linear unrolls its rows: at most this many
 
 
 def available() -> bool:
@@ -119,12 +118,14 @@ if triton is not None:
         M, N, K, eps,
         NORM: tl.constexpr, EPI: tl.constexpr, OFF2: tl.constexpr,
         NQ: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr,
-        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """The same epilogues on the CUDA cores: a program holds BLOCK_N columns of W over all of K (BLOCK_K >= K)
-        and computes every row with that tile, one row after the other by the same instructions — so a row's
-        result does not depend on how many rows the forward has (the AR step and a verify round alike)."""
-        pid_n = tl.program_id(0)
+        """The same epilogues on the CUDA cores: program (row, j) computes BLOCK_N columns of one row over all of
+        K (BLOCK_K >= K). Every row runs the same instructions whatever the number of rows, so its result does not
+        depend on the width of the forward (the AR step and a verify round alike); the programs of one column
+        block are adjacent in launch order, so their shared W tile is read from memory once and from L2 after."""
+        r = tl.program_id(0)
+        pid_n = tl.program_id(1)
         if EPI == 3:
             head = pid_n // (HD // 2 // BLOCK_N)
             d = (pid_n % (HD // 2 // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -138,48 +139,46 @@ if triton is not None:
         w = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None], mask=wmask, other=0.0)  # (BK, BN), kept in bf16
         if EPI == 1 or EPI == 3:
             w2 = tl.load(w_ptr + (rn + OFF2)[None, :] * stride_wn + rk[:, None], mask=wmask, other=0.0)
-        for r in tl.static_range(ROWS):
-            if r < M:
-                a = tl.load(a_ptr + r * stride_am + rk, mask=k_ok, other=0.0).to(tl.float32)  # (BK,)
-                y = tl.sum(a[:, None] * w.to(tl.float32), 0)  # (BN,)
-                if EPI == 1 or EPI == 3:
-                    y2 = tl.sum(a[:, None] * w2.to(tl.float32), 0)
-                if NORM:
-                    scale = 1.0 / tl.sqrt(tl.sum(a * a, 0) / K + eps)
-                    y = y * scale
-                    if EPI == 1 or EPI == 3:
-                        y2 = y2 * scale
-                if EPI == 0:
-                    tl.store(out_ptr + r * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=n_ok)
-                elif EPI == 1:
-                    tl.store(out_ptr + r * stride_om + rn, (y / (1.0 + tl.exp(-y)) * y2).to(out_ptr.dtype.element_ty), mask=n_ok)
-                elif EPI == 2:
-                    res = tl.load(res_ptr + r * stride_rm + rn, mask=n_ok, other=0.0).to(tl.float32)
-                    tl.store(out_ptr + r * stride_om + rn, (res + y).to(out_ptr.dtype.element_ty), mask=n_ok)
+        a = tl.load(a_ptr + r * stride_am + rk, mask=k_ok, other=0.0).to(tl.float32)  # (BK,)
+        y = tl.sum(a[:, None] * w.to(tl.float32), 0)  # (BN,)
+        if EPI == 1 or EPI == 3:
+            y2 = tl.sum(a[:, None] * w2.to(tl.float32), 0)
+        if NORM:
+            scale = 1.0 / tl.sqrt(tl.sum(a * a, 0) / K + eps)
+            y = y * scale
+            if EPI == 1 or EPI == 3:
+                y2 = y2 * scale
+        if EPI == 0:
+            tl.store(out_ptr + r * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+        elif EPI == 1:
+            tl.store(out_ptr + r * stride_om + rn, (y / (1.0 + tl.exp(-y)) * y2).to(out_ptr.dtype.element_ty), mask=n_ok)
+        elif EPI == 2:
+            res = tl.load(res_ptr + r * stride_rm + rn, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + r * stride_om + rn, (res + y).to(out_ptr.dtype.element_ty), mask=n_ok)
+        else:
+            x1 = y.to(a_ptr.dtype.element_ty).to(tl.float32)  # the projection rounds as the model's does
+            x2 = y2.to(a_ptr.dtype.element_ty).to(tl.float32)
+            if head < NQ + NKV:
+                pos = tl.load(pos_ptr + r)
+                c = tl.load(cos_ptr + pos * HD + d).to(tl.float32)
+                sn = tl.load(sin_ptr + pos * HD + d).to(tl.float32)
+                y1 = x1 * c - x2 * sn
+                y2r = x2 * c + x1 * sn
+            else:
+                y1 = x1
+                y2r = x2
+            if head < NQ:
+                base = out_ptr + r * (NQ * HD) + head * HD + d
+                tl.store(base, y1.to(out_ptr.dtype.element_ty))
+                tl.store(base + HD // 2, y2r.to(out_ptr.dtype.element_ty))
+            else:
+                slot = tl.load(slot_ptr + r)
+                if head < NQ + NKV:
+                    base = kc_ptr + (head - NQ) * stride_ch + slot * HD + d
                 else:
-                    x1 = y.to(a_ptr.dtype.element_ty).to(tl.float32)  # the projection rounds as the model's does
-                    x2 = y2.to(a_ptr.dtype.element_ty).to(tl.float32)
-                    if head < NQ + NKV:
-                        pos = tl.load(pos_ptr + r)
-                        c = tl.load(cos_ptr + pos * HD + d).to(tl.float32)
-                        sn = tl.load(sin_ptr + pos * HD + d).to(tl.float32)
-                        y1 = x1 * c - x2 * sn
-                        y2r = x2 * c + x1 * sn
-                    else:
-                        y1 = x1
-                        y2r = x2
-                    if head < NQ:
-                        base = out_ptr + r * (NQ * HD) + head * HD + d
-                        tl.store(base, y1.to(out_ptr.dtype.element_ty))
-                        tl.store(base + HD // 2, y2r.to(out_ptr.dtype.element_ty))
-                    else:
-                        slot = tl.load(slot_ptr + r)
-                        if head < NQ + NKV:
-                            base = kc_ptr + (head - NQ) * stride_ch + slot * HD + d
-                        else:
-                            base = vc_ptr + (head - NQ - NKV) * stride_ch + slot * HD + d
-                        tl.store(base, y1.to(kc_ptr.dtype.element_ty))
-                        tl.store(base + HD // 2, y2r.to(kc_ptr.dtype.element_ty))
+                    base = vc_ptr + (head - NQ - NKV) * stride_ch + slot * HD + d
+                tl.store(base, y1.to(kc_ptr.dtype.element_ty))
+                tl.store(base + HD // 2, y2r.to(kc_ptr.dtype.element_ty))
 
     @triton.jit
     def _attention_kernel(
@@ -313,7 +312,7 @@ def fused_linear(
     rope: tuple | None = None,  # (cos, sin, pos, slots, k_cache, v_cache, NQ, NKV, HD) for ROPE
     block_n: int = 32,  # ROPE: columns per program within a head's half (divides HD / 2)
     block_k: int = 64,
-    dot: bool = True,  # tensor cores (rows padded to 16); False: CUDA cores, a row at a time (block_k >= K, M <= MAX_ROWS)
+    dot: bool = True,  # tensor cores (rows padded to 16); False: CUDA cores, a program per row (block_k >= K)
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
@@ -341,14 +340,12 @@ def fused_linear(
     if not dot:
         if block_k < K:
             raise ValueError(f"fused_linear: the CUDA-core kernel holds all of K in one block: block_k {block_k} < K {K}")
-        if M > MAX_ROWS:
-            raise ValueError(f"fused_linear: the CUDA-core kernel takes at most {MAX_ROWS} rows, got {M}")
-        _row_linear_kernel[(grid_n,)](
+        _row_linear_kernel[(M, grid_n)](
             a, a.stride(0), w, w.stride(0), out, out.stride(0), res, res.stride(0),
             cos, sin, pos, slots, kc, vc, stride_ch,
             M, N, K, 0.0 if norm_eps is None else norm_eps,
             NORM=norm_eps is not None, EPI=epi, OFF2=off2, NQ=nq, NKV=nkv, HD=hd,
-            ROWS=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
         )
         return out
     bm = _block_m(M)

@@ -21,7 +21,7 @@ for stage in $stages; do
   case $stage in
     tests)   "$py" -m pytest -q -x tests/test_gpu.py 2>&1 | tee "$out/tests.log" || status=1 ;;
     sweep)   tuning_out=${TUNING_OUT:-/root/tuning.json}
-             "$py" scripts/gpu_kernel_sweep.py --out "$out/sweep.json" --tuning-out "$tuning_out" 2>"$out/sweep.log" || status=1
+             "$py" scripts/gpu_kernel_sweep.py --out "$out/sweep.json" --tuning-out "$tuning_out" ${SWEEP_ARGS:-} 2>"$out/sweep.log" || status=1
              tail -8 "$out/sweep.log"
              if [ -f "$tuning_out" ]; then export FASTDECODE_TUNING=$tuning_out; cp "$tuning_out" "$out/tuning.json"; fi ;;
     forward) "$py" scripts/gpu_forward_timing.py --out "$out/forward.json" ${FORWARD_ARGS:-} 2>"$out/forward.log" || status=1 ;;

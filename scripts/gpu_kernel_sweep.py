@@ -25,7 +25,7 @@ import time
 import torch
 
 from fastdecode import triton_kernels as tk
-from fastdecode.cuda_graphs import LINEARS
+from fastdecode.cuda_graphs import DEFAULT_TUNING, LINEARS
 
 D, FF, H, KVH, HD, V = 576, 1536, 9, 3, 64, 49152  # SmolLM2-135M
 DEVICE, DTYPE = "cuda", torch.bfloat16
@@ -111,6 +111,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True, help="every timing, as JSON")
     ap.add_argument("--tuning-out", required=True, help="the best tuning, as JSON for FASTDECODE_TUNING")
+    ap.add_argument("--quick", action="store_true", help="narrow only: CUDA-core launches against the default tuning's")
     args = ap.parse_args()
     t0 = time.perf_counter()
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "timings": {}}
@@ -123,13 +124,13 @@ def main() -> None:
     narrow: dict[str, dict] = {}
     wide: dict[str, dict] = {}
     for kind in LINEARS:
-        cfgs = candidates(kind, True) + candidates(kind, False)
+        cfgs = candidates(kind, True) + ([DEFAULT_TUNING["narrow"][kind]] if args.quick else candidates(kind, False))
         t1 = {json.dumps(c): us for us, c in sweep(kind, 1, cfgs, res, "narrow")}
         t16 = {json.dumps(c): us for us, c in sweep(kind, 16, cfgs, res, "narrow")}
         scored = sorted((t1[k] + t16[k], t1[k], t16[k], k) for k in t1 if k in t16)
         narrow[kind] = json.loads(scored[0][3])
         res["timings"][f"{kind}:narrow:score"] = [(round(a, 2), round(b, 2), round(c, 2), json.loads(k)) for a, b, c, k in scored]
-        w32 = sweep(kind, 32, candidates(kind, False), res, "wide")
+        w32 = sweep(kind, 32, [DEFAULT_TUNING["wide"][kind]] if args.quick else candidates(kind, False), res, "wide")
         wide[kind] = w32[0][1]
         say(f"{kind:5} narrow {scored[0][1]:6.2f} us at 1 row, {scored[0][2]:6.2f} us at 16: {narrow[kind]}; "
             f"wide {w32[0][0]:6.2f} us at 32: {wide[kind]}")
