@@ -153,13 +153,31 @@ def select_rows(rows: list[dict[str, Any]], categories: list[str], per_category:
     return out
 
 
+def write_report(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any], wrote: str) -> int:
+    """Summarize bench rows, write summary.json, report.md and the plots to `out`, print the table; -> exit code
+    (1 when a lossless method diverged from `ar` beyond a numeric tie)."""
+    from fastdecode.bench.metrics import failing_methods, summarize
+    from fastdecode.bench.plots import write_plots
+    from fastdecode.bench.report import print_table, write_outputs
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(rows)
+    plots = write_plots(summary, out, f"{meta['setup'].get('model')}, {meta['setup'].get('workload')}, {meta['provenance'].get('dtype')}")
+    write_outputs(out, summary, meta, plots)
+    print_table(summary)
+    print(f"bench: wrote {wrote}{out / 'summary.json'}, {out / 'report.md'} and {len(plots)} plots", file=sys.stderr)
+    fails = failing_methods(summary)
+    if fails:
+        print(f"bench: FAIL: lossless method(s) diverged from ar beyond a numeric tie: {', '.join(fails)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def report_only(args: argparse.Namespace) -> int:
     """`--report-only DIR`: the summary, report and plots of DIR/results.jsonl again, without a model."""
     import json
 
-    from fastdecode.bench.metrics import failing_methods, summarize
-    from fastdecode.bench.plots import write_plots
-    from fastdecode.bench.report import now, print_table, write_outputs
+    from fastdecode.bench.report import now
     from fastdecode.bench.runner import REFERENCE
 
     src = Path(args.report_only)
@@ -188,14 +206,8 @@ def report_only(args: argparse.Namespace) -> int:
         "prompts": len({r["prompt_id"] for r in rows}),
         "report_command": shlex.join(["fastdecode", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else None,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(rows)
-    plots = write_plots(summary, out, f"{meta['setup'].get('model')}, {meta['setup'].get('workload')}, {meta['provenance'].get('dtype')}")
-    write_outputs(out, summary, meta, plots)
-    print_table(summary)
-    print(f"bench: wrote {out / 'summary.json'}, {out / 'report.md'} and {len(plots)} plots from {src / RESULTS}", file=sys.stderr)
-    return 1 if failing_methods(summary) else 0
+    print(f"bench: re-summarizing {src / RESULTS}", file=sys.stderr)
+    return write_report(rows, Path(args.out), meta, "")
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
@@ -204,11 +216,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
     import torch
 
     import fastdecode
-    from fastdecode.bench.metrics import failing_methods, summarize
     from fastdecode.bench.peers import PeerSetup, check_peer_names, make_peers
-    from fastdecode.bench.plots import write_plots
     from fastdecode.bench.provenance import provenance
-    from fastdecode.bench.report import now, print_table, write_outputs
+    from fastdecode.bench.report import now
     from fastdecode.bench.runner import run_bench
 
     # 1. everything that needs no model
@@ -257,14 +267,5 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     # 3. run, summarize, report
     rows = run_bench(gen, workload, settings, out, record, peers, resume=args.resume, progress=not args.no_progress)
-    summary = summarize(rows)
     meta = {**record, "command": command_line(args), "date": now(), "prompts": len({r["prompt_id"] for r in rows}), "warmup": args.warmup}
-    plots = write_plots(summary, out, f"{args.model}, {args.workload}, {record['provenance']['dtype']}")
-    write_outputs(out, summary, meta, plots)
-    print_table(summary)
-    print(f"bench: wrote {out / RESULTS}, {out / 'summary.json'}, {out / 'report.md'} and {len(plots)} plots", file=sys.stderr)
-    fails = failing_methods(summary)
-    if fails:
-        print(f"bench: FAIL: lossless method(s) diverged from ar beyond a numeric tie: {', '.join(fails)}", file=sys.stderr)
-        return 1
-    return 0
+    return write_report(rows, out, meta, f"{out / RESULTS}, ")
