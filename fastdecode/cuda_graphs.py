@@ -22,11 +22,15 @@ How a forward becomes static:
 - Fusion: decode forwards (<= 64 rows) in bf16/fp16 run the fused Triton kernels of triton_kernels.py, five
   per layer, with fp32 logits; other forwards (prefill chunks, fp32) run PyTorch's kernels with RMSNorm, RoPE,
   SiLU·mul and the attention bias fused by `torch.compile` (default mode). q/k/v and gate/up use one
-  concatenated weight each.
+  concatenated weight each. Each graph also takes every row's argmax of the fp32 logits, which
+  `greedy_tokens` reads back (a greedy step then costs no separate argmax launch).
+- Layer subsets: `new_cache(..., layers=n)` hands a drafter (layer-skip) a cache over storage of the
+  runner's with n layers, and `layers=` forwards into it replay graphs keyed by the layer tuple.
 
 What it must never do: decide anything about drafting, or change what the model computes (only how its
 kernels are launched). On the CPU it runs the same static code eagerly (no capture), which is how the
-tests check it against `LlamaModel` there; `layers=` calls and foreign caches fall back to the model itself.
+tests check it against `LlamaModel` there; forwards into caches that are not the runner's fall back to the
+model itself.
 """
 
 from __future__ import annotations

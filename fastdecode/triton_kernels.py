@@ -6,12 +6,18 @@ SmolLM2-135M moves only ~270 MB, so the forward's time is the number of kernels.
 - `fused_linear`: y = [RMSNorm](A) @ W^T with one of four epilogues: store; SiLU(gate)·up; residual add
   (in place); RoPE on q/k with k and v written straight into the KV cache at their slots.
   The RMSNorm weight is folded into W by the caller (W' = W · w), the row scale is computed in the kernel.
+  Two kernels behind it: tensor cores (rows padded to a 16- or 32-row tile), or CUDA cores with a program
+  per (row, column block) holding all of K — for one row the faster one on the H200 for some projections,
+  since narrow column blocks spread even a 576-column projection over the whole GPU. Both compute a row the
+  same way whatever the number of rows (up to 16 for tensor cores), which the runner relies on to keep the
+  AR step and a verify round bit-identical (cuda_graphs.py, DEFAULT_TUNING).
 - `attention`: grouped-query attention of the new rows over the cache, the visibility (cache before
   `start`, then the tree mask among the new rows) computed in the kernel from `start` and the mask.
 
 `start` and the slots are read from device memory, so a captured graph stays valid as the cache grows.
 Needs Triton (present wherever PyTorch has CUDA); `available()` says whether it can be used here. The
-kernels run under TRITON_INTERPRET=1 on a CPU too, which is how they are checked without a GPU.
+kernels run under TRITON_INTERPRET=1 on a CPU too (fp16 and fp32; the interpreter has no bf16), which is how
+they can be checked without a GPU.
 """
 
 from __future__ import annotations
