@@ -98,6 +98,8 @@ def load_tuning(spec: str | None = None) -> dict[str, Any]:
     if not isinstance(over, dict) or set(over) - {"narrow", "wide"}:
         raise ValueError(f"FASTDECODE_TUNING: expected the keys narrow and wide; got {spec!r}")
     for group, kinds in over.items():
+        if not isinstance(kinds, dict) or not all(isinstance(c, dict) for c in kinds.values()):
+            raise ValueError(f"FASTDECODE_TUNING: {group} must map projections to launch settings; got {kinds!r}")
         for kind, cfg in kinds.items():
             if kind not in LINEARS:
                 raise ValueError(f"FASTDECODE_TUNING: unknown linear {kind!r} (one of {', '.join(LINEARS)})")
@@ -245,6 +247,9 @@ class GraphRunner:
         self.attn_splits = int(os.environ.get("FASTDECODE_ATTN_SPLITS", "32"))  # 0: one pass over the cache per kv head
         self.triton_max_width = int(os.environ.get("FASTDECODE_TRITON_MAX_WIDTH", "64"))  # wider forwards: torch kernels
         self.tuning = load_tuning()
+        cfg0 = model.cfg
+        hq = cfg0.num_heads * cfg0.head_dim
+        self._k_of = {"qkv": cfg0.hidden_size, "o": hq, "gu": cfg0.hidden_size, "down": cfg0.intermediate_size, "lm": cfg0.hidden_size}
         self.verbose = verbose
         self.capture_seconds = 0.0  # capture + compilation, all graphs so far
         self.graphs: dict[GraphKey, _Graph] = {}
@@ -436,7 +441,7 @@ class GraphRunner:
             n += Tb * Tb
         self._ints[:n].copy_(self._host[:n], non_blocking=True)
         if self._copied is not None:
-            self._copied.record()
+            self._copied.record(torch.cuda.current_stream(self.device))
         key = self.last_key = (Tb, Sb, causal, want_logits, layers)
         g = self.graphs.get(key)
         if g is None:
@@ -486,7 +491,14 @@ class GraphRunner:
         return list(enumerate(layers)), self._draft_storage[len(layers)]
 
     def _linear(self, Tb: int, kind: str) -> dict[str, Any]:
-        return self.tuning["narrow" if Tb <= NARROW_MAX else "wide"][kind]
+        """The launch of projection `kind` at width Tb. A CUDA-core launch whose K block does not cover the
+        projection's K (a wider model than the tuning's) gives way to the default wide (tensor-core) launch — at every
+        width of its group alike, so rows still compute the same way at every narrow width."""
+        group = "narrow" if Tb <= NARROW_MAX else "wide"
+        cfg = self.tuning[group][kind]
+        if not cfg.get("dot", True) and cfg["block_k"] < self._k_of[kind]:
+            return DEFAULT_TUNING["wide"][kind]  # tensor cores
+        return cfg
 
     def _triton_forward(
         self, Tb: int, causal: bool, want_logits: bool, layers: tuple[int, ...] | None

@@ -283,10 +283,9 @@ class Engine:
             stats.new_tokens = len(out)
             stats.draft_s += t1 - t0
             stats.verify_s += t2 - t1
-            stats.host_s += t3 - t2
-            stats.trace.append(
-                StepTrace(1 + m + e, len(verdict.path), len(emitted), (t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6)
-            )
+            host = t3 - t2 - rec
+            stats.host_s += host
+            stats.trace.append(StepTrace(1 + m + e, len(verdict.path), len(emitted), (t1 - t0) * 1e6, (t2 - t1) * 1e6, host * 1e6))
             stats.wall_s = time.perf_counter() - t_start - stats.record_s
             stats.capture_s = getattr(model, "capture_seconds", 0.0) - capture0
             if emitted:

@@ -118,6 +118,8 @@ def test_top_logits_recording_is_not_generation_time(tiny_model: LlamaModel) -> 
     elapsed = time.perf_counter() - t
     assert len(st.top_logits) == len(out) == 20 and all(len(ids) == 8 for ids, _ in st.top_logits)
     assert st.record_s > 0 and st.wall_s + st.record_s <= elapsed
+    assert st.prefill_s + st.draft_s + st.verify_s + st.host_s <= st.wall_s + 1e-6
+    assert st.host_s == pytest.approx(sum(t.host_us for t in st.trace) / 1e6)
     plain = GenerationStats()
     list(Engine(tiny_model).generate([1, 2, 3, 4], make_drafter("ar"), SamplingParams(), StopConditions(20), plain))
     assert plain.record_s == 0.0 and plain.top_logits == []

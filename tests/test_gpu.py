@@ -141,12 +141,17 @@ def test_tuning_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     runner = GraphRunner(tiny("cpu"), compile=False, verbose=False)
     assert runner._linear(1, "down") is runner._linear(16, "down") and runner._linear(1, "down")["block_n"] == 4
     assert runner._linear(32, "down") == t["wide"]["down"]
+    # a CUDA-core launch whose K block is shorter than the projection's K gives way to tensor cores, at every narrow width
+    monkeypatch.setenv("FASTDECODE_TUNING", '{"narrow": {"gu": {"block_n": 4, "block_k": 32, "dot": false}}}')
+    runner = GraphRunner(tiny("cpu"), compile=False, verbose=False)  # hidden 64 > 32
+    assert runner._linear(1, "gu")["dot"] is True and runner._linear(1, "gu") == runner._linear(16, "gu")
     f = tmp_path / "t.json"
     f.write_text('{"wide": {"lm": {"block_n": 64}}}')
     monkeypatch.setenv("FASTDECODE_TUNING", str(f))
     assert cuda_graphs.load_tuning()["wide"]["lm"]["block_n"] == 64
     for bad, msg in (('{"wide": {"mlp": {}}}', "unknown linear 'mlp'"), (str(tmp_path / "missing.json"), "cannot read"),
-                     ('{"rows": 1}', "expected the keys"), ('{"wide": {"o": {"bn": 4}}}', "unknown launch keys")):
+                     ('{"rows": 1}', "expected the keys"), ('{"wide": {"o": {"bn": 4}}}', "unknown launch keys"),
+                     ('{"wide": [1]}', "must map projections"), ('{"narrow": {"o": 3}}', "must map projections")):
         with pytest.raises(ValueError, match=msg):
             cuda_graphs.load_tuning(bad)
 
