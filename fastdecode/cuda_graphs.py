@@ -247,18 +247,17 @@ class GraphRunner:
         self.attn_splits = int(os.environ.get("FASTDECODE_ATTN_SPLITS", "32"))  # 0: one pass over the cache per kv head
         self.triton_max_width = int(os.environ.get("FASTDECODE_TRITON_MAX_WIDTH", "64"))  # wider forwards: torch kernels
         self.tuning = load_tuning()
-        cfg0 = model.cfg
-        hq = cfg0.num_heads * cfg0.head_dim
-        self._k_of = {"qkv": cfg0.hidden_size, "o": hq, "gu": cfg0.hidden_size, "down": cfg0.intermediate_size, "lm": cfg0.hidden_size}
         self.verbose = verbose
         self.capture_seconds = 0.0  # capture + compilation, all graphs so far
         self.graphs: dict[GraphKey, _Graph] = {}
         self.last_key: GraphKey | None = None
-        self._last: _Graph | None = None
+        self._argmax: torch.Tensor | None = None  # the last forward's per-row argmax (a graph output), if it had logits
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._storage: tuple[torch.Tensor, torch.Tensor] | None = None  # the target's cache
         self._draft_storage: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer-subset caches, by layer count
         cfg = self.cfg
+        d = cfg.hidden_size
+        self._k_of = {"qkv": d, "o": cfg.num_heads * cfg.head_dim, "gu": d, "down": cfg.intermediate_size, "lm": d}  # K per projection
         blocks = self._blocks = cast("list[Block]", list(model.layers))
         with torch.no_grad():
             self._w_qkv = [
@@ -352,10 +351,7 @@ class GraphRunner:
     def greedy_tokens(self, rows: int) -> list[int] | None:
         """The argmax of the first `rows` logits rows of the last forward, computed inside its graph (one small
         read instead of a separate argmax launch); None when the last forward had no logits."""
-        g = self._last
-        if g is None or g.argmax is None:
-            return None
-        return g.argmax[:rows].tolist()
+        return None if self._argmax is None else self._argmax[:rows].tolist()
 
     def __call__(
         self,
@@ -371,7 +367,7 @@ class GraphRunner:
         valid until the next call."""
         B, T = tokens.shape
         storage = self._storage_of(cache, layers) if B == 1 else None
-        self._last = None
+        self._argmax = None
         if storage is None or (mask is not None and T > WIDTHS[-1]):
             return self.model(tokens.to(self.device), positions.to(self.device), cache, None if mask is None else mask.to(self.device),
                               num_logits, layers, hidden_only)
@@ -396,7 +392,6 @@ class GraphRunner:
                     rows = hidden if num_logits is None else hidden[-num_logits:]
                     logits = self.model.lm_head(rows).float()
                     num_logits = None
-                self._last = None
         hidden = hidden[None]
         if hidden_only:
             return None, hidden
@@ -457,11 +452,9 @@ class GraphRunner:
                 return self._forward(tokens, positions, start, mask, want_logits, layers)
         if g.graph is not None:
             g.graph.replay()
-            self._last = g
-            logits, hidden = g.logits, g.hidden
+            logits, hidden, self._argmax = g.logits, g.hidden, g.argmax
         else:
-            logits, hidden, argmax = g.run()
-            self._last = _Graph(None, g.run, logits, hidden, argmax)
+            logits, hidden, self._argmax = g.run()
         return (None if logits is None else logits[:T]), hidden[:T]
 
     def _fused(self, Tb: int) -> bool:
