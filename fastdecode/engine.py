@@ -14,7 +14,7 @@ import torch
 
 from fastdecode.cache import KVCache
 from fastdecode.drafters.base import DraftContext, Drafter, Proposal, StepResult
-from fastdecode.models.llama import LlamaModel
+from fastdecode.models.llama import ATTN_BLOCK, LlamaModel
 from fastdecode.sampling import SamplingParams, choose_tokens, target_probs
 from fastdecode.verify import verify_match, verify_rejection
 
@@ -181,7 +181,9 @@ class Engine:
         if not params.greedy and params.sampler == "rejection":
             generator = torch.Generator(device=dev)
             generator.manual_seed(params.seed)
-        max_len = min(self.context_length, len(prompt_ids) + stop.max_new_tokens + CACHE_SLACK)
+        # whole attention blocks (the CPU's row-invariant attention reads the cache as it lies then)
+        want = -(-(len(prompt_ids) + stop.max_new_tokens + CACHE_SLACK) // ATTN_BLOCK) * ATTN_BLOCK
+        max_len = min(self.context_length, want)
         t_start = time.perf_counter()
         # a CUDA-graph runner keeps the target's cache in storage its graphs point at; drafters get their own
         new_cache = getattr(model, "new_target_cache", model.new_cache)

@@ -57,23 +57,76 @@ def _rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     raise ValueError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
 
 
-class Linear(nn.Linear):
-    """nn.Linear with a CPU fast path for narrow inputs (verify forwards of 2-64 rows).
+ROW_INVARIANT_DTYPES = (torch.bfloat16,)  # fp16 on CPU: oneDNN rounds by width there too (measured), fp32: see Linear
+ROW_INVARIANT_MAX = 256  # forwards of at most this many rows (every decode step) take the row-invariant path
+LINEAR_CHUNK = 64  # rows per narrow product
 
-    On CPU, `x @ W.T` with a few rows falls into a GEMM shape that BLAS handles poorly: measured on this
-    project's 2-core CPU (fp32, SmolLM2), a 4-row forward cost 1.8x a 1-row one. Computing `(W @ x.T).T`
-    instead reads W once for all rows, like a matrix-vector product: 4 rows then cost the same as 1, and
-    16 rows 1.45x. One row and long prefills keep the ordinary kernel.
+
+def row_invariant(x: torch.Tensor, rows: int) -> bool:
+    """Whether a CPU forward of `rows` rows takes the row-invariant path (bf16/fp16, decode-sized)."""
+    return x.device.type == "cpu" and x.dtype in ROW_INVARIANT_DTYPES and rows <= ROW_INVARIANT_MAX
+
+
+def narrow_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x @ weight.T` on CPU, row-invariant in bf16: `(W @ x.T).T` in chunks of LINEAR_CHUNK rows (see Linear)."""
+    rows = x.numel() // x.shape[-1]
+    flat = x.reshape(rows, -1)
+    parts = [(weight @ flat[i : i + LINEAR_CHUNK].T).T for i in range(0, rows, LINEAR_CHUNK)]  # (rows', out)
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(*x.shape[:-1], -1)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose CPU result for a row does not depend on how many rows share the call.
+
+    On CPU `x @ W.T` picks a kernel by the number of rows: in bf16 a 33-row product rounds a row
+    differently from a 1-row one, and in fp32 every width differs from a 1-row GEMV. Computing
+    `(W @ x.T).T` instead keeps W as the left operand, whose shape never changes: measured on this
+    project's AVX-512-BF16 CPU, bf16 rows then come out bit-identical for every width 1..64 (oneDNN),
+    and cost what a 1-row product does up to ~16 rows. So in bf16/fp16 every decode forward (<= 256 rows)
+    runs it for every width, one included, in chunks of 64 rows. In fp32 (CPUs without fast bf16) no
+    library kernel is row-invariant at an acceptable cost (see docs/design.md); the narrow product still
+    makes 2..64 rows cost about one row there (fp32, 2 cores: 4 rows = 1 row, 16 rows = 1.45x).
+    Prefill (longer inputs) keeps the ordinary kernel: its rows are shared by every method.
     """
 
     NARROW = 64
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if x.device.type != "cpu" or not 1 < rows <= self.NARROW:
+        if x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
-        y = (self.weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], -1)  # (..., out)
+        if row_invariant(x, rows):
+            y = narrow_product(x, self.weight)
+        elif 1 < rows <= self.NARROW:
+            y = (self.weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], -1)  # (..., out)
+        else:
+            return F.linear(x, self.weight, self.bias)
         return y if self.bias is None else y + self.bias
+
+
+def fuse(linears: Sequence[Linear]) -> torch.Tensor | None:
+    """Re-point the weights of `linears` (same input, no bias) to views of one (sum of outs, in) tensor and
+    return it: a CPU decode step then runs one product for q, k and v (and one for gate and up), which
+    saves more time than the row-invariant attention costs. No copy is kept: the modules' weights are the
+    views. None (nothing changed) where a linear has a bias."""
+    if any(lin.bias is not None for lin in linears):
+        return None
+    fused = torch.cat([lin.weight.detach() for lin in linears])  # (sum out, in)
+    row = 0
+    for lin in linears:
+        n = lin.out_features
+        lin.weight = nn.Parameter(fused[row : row + n], requires_grad=False)
+        row += n
+    return fused
+
+
+def _fused_or_none(fused: torch.Tensor | None, linears: Sequence[Linear], x: torch.Tensor) -> torch.Tensor | None:
+    """`fused` if it still holds the linears' weights (not moved or replaced since) and x takes the narrow path."""
+    if fused is None or not row_invariant(x, x.numel() // x.shape[-1]) or fused.dtype != x.dtype:
+        return None
+    if linears[0].weight.data_ptr() != fused.data_ptr():
+        return None
+    return fused
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,6 +154,105 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+ATTN_BLOCK = 64  # positions per attention block of the row-invariant path
+
+
+@dataclass(frozen=True)
+class PositionPlan:
+    """Which cache slot holds each key a new row may see, in position order (the row-invariant path).
+
+    A row at position p sees one key per position 0..p: the committed cache (slot = position) and then
+    its tree ancestors, wherever their rows sit in the forward. Positions are cut into blocks of
+    ATTN_BLOCK aligned at 0; `prefix` positions (whole blocks) lie in the committed cache and every row
+    sees them; the tail (`slots.shape[-1]` positions from `prefix`, whole blocks too) is read per row.
+    A row's attention is then a function of its keys in position order only: the same number whether
+    the row is a 1-row step or node j of a 64-row tree. Built once per forward, read by every layer.
+    """
+
+    prefix: int
+    slots: torch.Tensor  # (B, T, L) long: slot of position prefix + j for row t (0 where unseen)
+    bias: torch.Tensor  # (B, 1, rep*T, prefix+L) fp32: 0 where the query row sees the position, -inf elsewhere
+    chain: bool  # every seen position sits in the slot of the same number: the cache is read as it lies
+
+
+def position_plan(positions: torch.Tensor, mask: torch.Tensor | None, start: int, rep: int) -> PositionPlan | None:
+    """The plan for new rows at `positions` (B, T) with `mask` (B, T, T) among them (None = causal), for
+    `rep` query heads per kv head; None when some row does not see exactly one new row per position from
+    `start` to its own (the forward is then not a set of tree paths and takes the ordinary attention)."""
+    B, T = positions.shape
+    dev = positions.device
+    off = positions - start  # (B, T): depth below the pending row
+    if mask is None:
+        mask = torch.ones(T, T, dtype=torch.bool, device=dev).tril_()[None].expand(B, T, T)
+    if bool((off < 0).any()):
+        return None
+    depth = int(off.max())
+    steps = torch.arange(depth + 1, device=dev)
+    cand = torch.where(mask, start + torch.arange(T, device=dev), -1)  # (B, T, T): slot of each visible row
+    new = torch.full((B, T, depth + 1), -1, dtype=torch.long, device=dev)
+    new.scatter_reduce_(2, off[:, None, :].expand(B, T, T), cand, reduce="amax")  # (B, T, D+1) by depth
+    seen_new = new >= 0
+    if not (bool((mask.sum(-1) == off + 1).all()) and bool((seen_new.sum(-1) == off + 1).all())):
+        return None
+    G = ATTN_BLOCK
+    prefix = start // G * G
+    L = -(-(start + depth + 1 - prefix) // G) * G
+    c = start - prefix  # committed positions inside the tail
+    slots = torch.arange(prefix, prefix + L, device=dev).repeat(B, T, 1)  # (B, T, L): slot = position ...
+    seen = slots < start
+    slots[:, :, c : c + depth + 1] = torch.where(seen_new, new, 0)  # ... except for the tree part
+    seen[:, :, c : c + depth + 1] = seen_new
+    chain = bool((torch.where(seen_new, new, start + steps) == start + steps).all())
+    bias = torch.zeros(B, 1, rep, T, prefix + L, device=dev)
+    bias[..., prefix:].masked_fill_(~seen[:, None, None], float("-inf"))
+    return PositionPlan(prefix, slots, bias.reshape(B, 1, rep * T, prefix + L), chain)
+
+
+def attend_by_position(
+    q: torch.Tensor,  # (B, kvh, rep*T, hd): query head g*rep + r of token t is row r*T + t of group g
+    k_cache: torch.Tensor,  # (B, kvh, S_max, hd), the new rows written
+    v_cache: torch.Tensor,
+    end: int,  # slots 0 .. end-1 hold keys
+    plan: PositionPlan,
+) -> torch.Tensor:  # (B, kvh, hd, rep, T) fp32
+    """Softmax attention whose every reduction runs over a row's keys in position order, in blocks of
+    ATTN_BLOCK positions aligned at 0, through products whose left operand has a fixed shape.
+
+    Scores: one product `keys @ q.T` over cache slots (a score depends only on its key and its query),
+    read in position order. Softmax over the position-ordered row in fp32 (unseen positions add exact
+    zeros). Values: `V_block.T @ P_block.T` per block (64 x 64 on the left whatever the width), summed in
+    block order. A chain (the 1-row step, prompt lookup) reads the cache as it lies; a tree gathers each
+    row's tail blocks, whose products then equal the chain's bit for bit.
+    """
+    B, kvh, R, hd = q.shape
+    _, T, L = plan.slots.shape
+    rep = R // T
+    G, P0 = ATTN_BLOCK, plan.prefix
+    W = P0 + L  # positions covered, whole blocks
+    scale = hd**-0.5
+    if plan.chain and W <= k_cache.shape[2]:
+        # slot = position for every seen key: blocks straight from the cache, shared by every row
+        scores = k_cache[:, :, :W] @ q.transpose(-1, -2)  # (B, kvh, W, R)
+        p = torch.softmax(torch.add(plan.bias, scores.transpose(-1, -2), alpha=scale), -1).to(q.dtype)  # (B, kvh, R, W)
+        v = v_cache[:, :, :W].reshape(B, kvh, W // G, G, hd)
+        o = v.transpose(-1, -2) @ p.reshape(B, kvh, R, W // G, G).permute(0, 1, 3, 4, 2)  # (B, kvh, nb, hd, R)
+        return o.sum(2, dtype=torch.float32).reshape(B, kvh, hd, rep, T)
+    scores = (k_cache[:, :, :end] @ q.transpose(-1, -2)).transpose(-1, -2)  # (B, kvh, R, end)
+    idx = plan.slots[:, None, None].expand(B, kvh, rep, T, L).reshape(B, kvh, R, L)
+    s = torch.cat((scores[..., :P0], scores.gather(-1, idx.clamp(max=end - 1))), -1)  # (B, kvh, R, W) by position
+    p = torch.softmax(torch.add(plan.bias, s, alpha=scale), -1).to(q.dtype)
+    nbp, nbt = P0 // G, L // G
+    vt = torch.stack([v_cache[b][:, plan.slots[b].reshape(-1)] for b in range(B)])  # (B, kvh, T*L, hd) by position
+    vt = vt.reshape(B, kvh, T, nbt, G, hd)
+    pt = p[..., P0:].reshape(B, kvh, rep, T, nbt, G).permute(0, 1, 3, 4, 5, 2)  # (B, kvh, T, nbt, G, rep)
+    o = (vt.transpose(-1, -2) @ pt).permute(0, 1, 3, 4, 5, 2)  # (B, kvh, nbt, hd, rep, T)
+    if nbp:
+        vp = v_cache[:, :, :P0].reshape(B, kvh, nbp, G, hd)
+        pp = p[..., :P0].reshape(B, kvh, R, nbp, G).permute(0, 1, 3, 4, 2)  # (B, kvh, nbp, G, R)
+        o = torch.cat(((vp.transpose(-1, -2) @ pp).reshape(B, kvh, nbp, hd, rep, T), o), 2)
+    return o.sum(2, dtype=torch.float32)  # (B, kvh, hd, rep, T): block partials summed in block order
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -113,6 +265,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_eps)
+        self.qkv: torch.Tensor | None = None  # set by LlamaModel.fuse_projections (CPU)
 
     def forward(
         self,
@@ -123,12 +276,19 @@ class Attention(nn.Module):
         v_cache: torch.Tensor,
         start: int,  # first free cache slot: the new rows are written at start .. start+T-1
         mask: torch.Tensor | None,  # (B, 1, T, start+T) bool, or None for "attend to everything"
+        plan: PositionPlan | None = None,  # the row-invariant path (CPU, bf16/fp16); then `mask` is unused
     ) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, h, T, hd)
-        k = self.k_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, kvh, T, hd)
-        v = self.v_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, kvh, T, hd)
+        nq, nkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        fused = _fused_or_none(self.qkv, (self.q_proj, self.k_proj, self.v_proj), x)
+        if fused is not None:
+            q_, k_, v_ = narrow_product(x, fused).split((nq, nkv, nkv), -1)
+        else:
+            q_, k_, v_ = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q_.view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, h, T, hd)
+        k = k_.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, kvh, T, hd)
+        v = v_.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, kvh, T, hd)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + _rotate_half(q) * sin
@@ -141,6 +301,9 @@ class Attention(nn.Module):
         # are stacked along the query axis (query head i uses kv head i // rep, as in the reference)
         rep = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(B, cfg.num_kv_heads, rep * T, cfg.head_dim)  # (B, kvh, rep*T, hd)
+        if plan is not None:
+            o = attend_by_position(q, k_cache, v_cache, end, plan).to(x.dtype)  # (B, kvh, hd, rep, T)
+            return self.o_proj(o.permute(0, 4, 1, 3, 2).reshape(B, T, cfg.num_heads * cfg.head_dim))
         if mask is not None and rep > 1:
             S = mask.shape[-1]
             mask = mask[:, :, None].expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S)
@@ -155,8 +318,13 @@ class MLP(nn.Module):
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up: torch.Tensor | None = None  # set by LlamaModel.fuse_projections (CPU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = _fused_or_none(self.gate_up, (self.gate_proj, self.up_proj), x)
+        if fused is not None:
+            gate, up = narrow_product(x, fused).chunk(2, -1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -200,6 +368,15 @@ class LlamaModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
+    def fuse_projections(self) -> None:
+        """Keep q/k/v and gate/up weights as views of one tensor per layer (see `fuse`); call after the
+        model has its final device and dtype (moving it afterwards splits the views again, harmlessly:
+        the separate products then run)."""
+        for block in self.layers:
+            b = typing.cast(Block, block)
+            b.self_attn.qkv = fuse((b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj))
+            b.mlp.gate_up = fuse((b.mlp.gate_proj, b.mlp.up_proj))
+
     def new_cache(self, batch: int, length: int, layers: int | None = None) -> KVCache:
         cfg = self.cfg
         return KVCache(
@@ -229,18 +406,19 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(tokens)  # (B, T, D)
         cos = self.rope_cos[positions].to(x.dtype)[:, None]  # (B, 1, T, hd)
         sin = self.rope_sin[positions].to(x.dtype)[:, None]
-        full_mask: torch.Tensor | None
-        if mask is None:
-            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril_()[None].expand(B, T, T)
-        if T == 1:
-            full_mask = None
-        else:
+        full_mask: torch.Tensor | None = None  # None with T == 1: the row sees the whole cache
+        # CPU bf16/fp16: every layer reads the cache through one plan, row-invariant (see PositionPlan)
+        rep = self.cfg.num_heads // self.cfg.num_kv_heads
+        plan = position_plan(positions, mask, start, rep) if row_invariant(x, B * T) else None
+        if plan is None and T > 1:
+            if mask is None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril_()[None].expand(B, T, T)
             prefix = torch.ones(B, T, start, dtype=torch.bool, device=x.device)
             full_mask = torch.cat((prefix, mask), dim=-1)[:, None]  # (B, 1, T, start+T)
         layer_ids = range(self.cfg.num_layers) if layers is None else layers
         for slot, li in enumerate(layer_ids):
             block = typing.cast(Block, self.layers[li])
-            h = block.self_attn(block.input_layernorm(x), cos, sin, cache.k[slot], cache.v[slot], start, full_mask)
+            h = block.self_attn(block.input_layernorm(x), cos, sin, cache.k[slot], cache.v[slot], start, full_mask, plan)
             x = x + h
             x = x + block.mlp(block.post_attention_layernorm(x))
         cache.length = start + T

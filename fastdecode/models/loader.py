@@ -222,7 +222,10 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.d
     if missing:
         raise ValueError(f"the checkpoint lacks {len(missing)} weights, e.g. {missing[0]}")
     model.rope_cos, model.rope_sin = rope_tables(cfg)  # buffers built on meta: make them for real
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if model.device.type == "cpu":
+        model.fuse_projections()  # one product for q/k/v and one for gate/up per decode step
+    return model
 
 
 def load_weights(source: ModelSource) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
