@@ -212,6 +212,23 @@ def ar_refs(smollm2: Any, spec_prompts: list[dict]) -> References:
     return References(smollm2, spec_prompts)
 
 
+@pytest.fixture(scope="session")
+def smollm2_bf16() -> Any:
+    """The embedded SmolLM2 in bf16 on the CPU: what `--dtype auto` runs where the CPU multiplies bf16
+    natively. Skipped elsewhere: there bf16 is emulated, slow, and not what a user runs."""
+    import fastdecode
+    from fastdecode.api import cpu_has_fast_bf16
+
+    if not cpu_has_fast_bf16():
+        pytest.skip("this CPU has no AVX-512-BF16/AMX: --dtype auto runs fp32 here (tested with the tie rule)")
+    return fastdecode.load("smollm2", device="cpu", dtype="bf16")
+
+
+@pytest.fixture(scope="session")
+def ar_refs_bf16(smollm2_bf16: Any, spec_prompts: list[dict]) -> References:
+    return References(smollm2_bf16, spec_prompts)
+
+
 def report_divergence(label: str, reference: Any, other: Any) -> Divergence | None:
     """Compare two greedy Generations of one prompt; print the first divergence with DESIGN.md's two
     figures (the reference's logit gap between the two choices, and the max |Δlogit| between the paths).

@@ -52,6 +52,9 @@ class SelfDraft(Drafter):
         cache.truncate(min(cache.length, n - 1))  # rows for committed tokens only
         feed = ctx.tokens[cache.length :]
         pos = list(range(cache.length, n))
+        if cache.length == 0 and n > 1:  # prefill as the engine does (prompt but its last token): the same rows
+            model(torch.tensor([feed[:-1]], device=model.device), torch.tensor([pos[:-1]], device=model.device), cache, hidden_only=True)
+            feed, pos = feed[-1:], pos[-1:]
         drafts: list[int] = []
         qs: list[torch.Tensor] = []
         for _ in range(k):

@@ -1,0 +1,139 @@
+"""Row-invariant forwards on the CPU in bf16 (issue 10; DESIGN.md, "How we know a method is lossless", 1).
+
+Invariant: a row's logits depend only on its token, its position and the keys it may see — not on how many
+rows share the forward, where its tree ancestors sit in it, or which block of the cache it falls in. So
+node j of a verify forward (any width 1..64, any tree shape) equals, bit for bit, the 1-row step that
+`ar` runs at the same position after the same tokens, and the K/V rows the engine keeps after a rollback
+are those `ar` would have written.
+
+The model has SmolLM2-135M's shapes (hidden 576, 9 query / 3 kv heads of 64, MLP 1536, vocabulary 49152:
+the kernels that would round differently are chosen by shape) with random weights and 2 layers.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from fastdecode.engine import tree_mask
+from fastdecode.models.llama import ATTN_BLOCK, LlamaModel, ModelConfig, position_plan, row_invariant
+
+SMOLLM2_SHAPES = ModelConfig(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_layers=2,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    max_position=2048,
+    tie_embeddings=True,
+)
+
+
+@pytest.fixture(autouse=True)
+def _two_threads() -> None:
+    torch.set_num_threads(2)  # the thread split is one of the things that may not change a row
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaModel:
+    torch.manual_seed(0)
+    m = LlamaModel(SMOLLM2_SHAPES).eval().to(torch.bfloat16)
+    m.fuse_projections()
+    return m
+
+
+def _prefill(model: LlamaModel, ids: torch.Tensor, n: int, length: int) -> object:
+    cache = model.new_cache(1, length)
+    model(ids[:, :n], torch.arange(n)[None], cache, hidden_only=True)
+    return cache
+
+
+def _ar_rows(model: LlamaModel, cache: object, tokens: torch.Tensor, positions: list[int]) -> list[torch.Tensor]:
+    """1-row steps over `tokens` at `positions` (a path), from the cache as it is: each step's logits."""
+    out = []
+    for i, p in enumerate(positions):
+        logits, _ = model(tokens[:, i : i + 1], torch.tensor([[p]]), cache)  # type: ignore[arg-type]
+        out.append(logits[0, 0])
+    return out
+
+
+def test_the_row_invariant_path_is_taken() -> None:
+    assert row_invariant(torch.zeros(1, 8, dtype=torch.bfloat16), 64)
+    assert not row_invariant(torch.zeros(1, 8, dtype=torch.float32), 64)  # fp32: see docs/design.md
+    assert not row_invariant(torch.zeros(1, 8, dtype=torch.bfloat16), 1000)  # long prefill: ordinary kernels
+
+
+@pytest.mark.parametrize("prefix", [5, ATTN_BLOCK - 20, 3 * ATTN_BLOCK + 7])
+def test_chain_rows_bitwise_equal_the_1_row_step_at_every_width(model: LlamaModel, prefix: int) -> None:
+    """Widths 1..64 after a prompt of `prefix` tokens (the chains cross attention blocks): every row equals
+    the 1-row step at its position, bit for bit."""
+    ids = torch.randint(0, SMOLLM2_SHAPES.vocab_size, (1, prefix + 64), generator=torch.Generator().manual_seed(prefix))
+    with torch.inference_mode():
+        cache = _prefill(model, ids, prefix, prefix + 128)
+        ref = _ar_rows(model, cache, ids[:, prefix:], list(range(prefix, prefix + 64)))
+        bad = []
+        for width in range(1, 65):
+            cache.truncate(prefix)  # type: ignore[attr-defined]
+            logits, _ = model(ids[:, prefix : prefix + width], torch.arange(prefix, prefix + width)[None], cache)
+            bad += [(width, j) for j in range(width) if not torch.equal(logits[0, j], ref[j])]
+    assert not bad, f"rows that differ from the 1-row step (width, row): {bad[:10]}"
+
+
+def _random_tree(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(-1, j) for j in range(n)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tree_nodes_bitwise_equal_their_path_and_kept_rows_equal_ar(model: LlamaModel, seed: int) -> None:
+    """A random tree of 3..63 nodes after a random prompt: each node's logits equal the 1-row steps along its
+    path; after keeping one path (compact), the cache rows equal those the 1-row steps wrote."""
+    rng = random.Random(seed)
+    prefix = rng.choice([9, ATTN_BLOCK - 3, 2 * ATTN_BLOCK + 30])
+    n = rng.choice([3, 15, 40, 63])
+    parents = _random_tree(rng, n)
+    depth: list[int] = []
+    for p in parents:
+        depth.append(1 if p < 0 else depth[p] + 1)
+    ids = torch.randint(0, SMOLLM2_SHAPES.vocab_size, (1, prefix + 1 + n), generator=torch.Generator().manual_seed(seed))
+    rows = ids[:, prefix:]  # the pending token, then the nodes
+    mask = tree_mask(parents)
+    with torch.inference_mode():
+        cache = _prefill(model, ids, prefix, prefix + 128)
+        tree_logits, _ = model(rows, torch.tensor([[prefix, *(prefix + d for d in depth)]]), cache, None if mask is None else mask[None])
+        tree_k, tree_v = cache.k.clone(), cache.v.clone()  # type: ignore[attr-defined]
+        bad = []
+        for j in rng.sample(range(n), min(n, 12)):
+            path = [j]
+            while parents[path[-1]] >= 0:
+                path.append(parents[path[-1]])
+            path_rows = [0, *(1 + i for i in reversed(path))]
+            cache.truncate(prefix)  # type: ignore[attr-defined]
+            ar = _ar_rows(model, cache, rows[:, path_rows], list(range(prefix, prefix + len(path_rows))))
+            if not torch.equal(ar[-1], tree_logits[0, 1 + j]):
+                bad.append(j)
+        assert not bad, f"tree nodes whose logits differ from their path's 1-row steps: {bad}"
+        # rollback: keep the last path checked; its rows, compacted, are the 1-row steps' rows
+        ar_k, ar_v = cache.k[:, :, :, : prefix + len(path_rows)].clone(), cache.v[:, :, :, : prefix + len(path_rows)].clone()  # type: ignore[attr-defined]
+        cache.k.copy_(tree_k)  # type: ignore[attr-defined]
+        cache.v.copy_(tree_v)  # type: ignore[attr-defined]
+        cache.length = prefix + 1 + n  # type: ignore[attr-defined]
+        cache.compact(prefix, [prefix + r for r in path_rows])  # type: ignore[attr-defined]
+        assert torch.equal(cache.k[:, :, :, : cache.length], ar_k)  # type: ignore[attr-defined]
+        assert torch.equal(cache.v[:, :, :, : cache.length], ar_v)  # type: ignore[attr-defined]
+
+
+def test_plan_refuses_rows_that_are_not_tree_paths() -> None:
+    """A row that sees two rows at one position (or skips one) has no position order: the ordinary attention."""
+    pos = torch.tensor([[10, 11, 11]])
+    both = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 1, 1]]], dtype=torch.bool)  # row 2 sees both rows at 11
+    assert position_plan(pos, both, 10, rep=3) is None
+    gap = torch.tensor([[[1, 0, 0], [0, 1, 0], [1, 0, 1]]], dtype=torch.bool)  # row 1 misses the pending row
+    assert position_plan(pos, gap, 10, rep=3) is None
+    tree = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 0, 1]]], dtype=torch.bool)
+    plan = position_plan(pos, tree, 10, rep=3)
+    assert plan is not None and not plan.chain and plan.prefix == 0
+    assert plan.slots[0, 2, 10:12].tolist() == [10, 12]  # row 2 reads position 11 from its own slot
