@@ -262,8 +262,11 @@ def _split_stop(text: str, sent: int, stops: Sequence[str]) -> tuple[str, str]:
     return text[sent:safe_end], text[safe_end:]
 
 
-def load(model: str = "smollm2", device: str | None = None, dtype: str | None = None, context: int | None = None) -> Generator:
-    """Load a model by name (`smollm2`), GGUF file or Hugging Face folder. `context` caps the context length."""
+def load(
+    model: str = "smollm2", device: str | None = None, dtype: str | None = None, context: int | None = None, verbose: bool | None = None
+) -> Generator:
+    """Load a model by name (`smollm2`), GGUF file or Hugging Face folder. `context` caps the context length.
+    `verbose`: on a GPU, a line on stderr per captured CUDA graph (default: $FASTDECODE_VERBOSE=1)."""
     source = resolve(model)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -280,5 +283,5 @@ def load(model: str = "smollm2", device: str | None = None, dtype: str | None = 
         from fastdecode.cuda_graphs import GraphRunner
 
         # forwards replay CUDA graphs: launching kernels one by one costs more than the model itself
-        return Generator(GraphRunner(net), tokenizer, source)  # type: ignore[arg-type]
+        return Generator(GraphRunner(net, verbose=verbose), tokenizer, source)  # type: ignore[arg-type]
     return Generator(net, tokenizer, source)

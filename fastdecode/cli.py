@@ -35,6 +35,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="smollm2 (the embedded default), a .gguf file or a Hugging Face folder")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
     p.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16 (auto: bf16 on GPUs and on CPUs with native bf16, else fp32)")
+    p.add_argument("--verbose", action="store_true", help="on a GPU: a line on stderr per captured CUDA graph")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompt_text.strip():
         raise ValueError("the prompt is empty")
 
-    gen = fastdecode.load(args.model, device=args.device, dtype=args.dtype)
+    gen = fastdecode.load(args.model, device=args.device, dtype=args.dtype, verbose=args.verbose or None)
     prompt: Any = prompt_text
     if not args.raw and args.system is not None:
         prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": prompt_text}]
@@ -130,7 +131,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     s = res.stats
     print(
         f"[{res.method}] {s.new_tokens} tokens in {s.wall_s:.2f} s = {s.tokens_per_s:.1f} tokens/s, "
-        f"MAT {s.mat:.2f} ({s.steps} steps), prefill {s.prefill_s * 1e3:.0f} ms, finish: {res.finish_reason}",
+        f"MAT {s.mat:.2f} ({s.steps} steps), prefill {s.prefill_s * 1e3:.0f} ms, finish: {res.finish_reason}"
+        + (f", CUDA-graph capture {s.capture_s:.2f} s of it" if s.capture_s >= 0.005 else ""),
         file=sys.stderr,
     )
     return 0
@@ -142,7 +144,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}")
-    gen = fastdecode.load(args.model, device=args.device, dtype=args.dtype)
+    gen = fastdecode.load(args.model, device=args.device, dtype=args.dtype, verbose=args.verbose or None)
     print(f"model {args.model} on {gen.device} ({str(gen.dtype).removeprefix('torch.')}), greedy, {args.max_new_tokens} new tokens")
     rows = run_demo(gen, args.method, args.max_new_tokens)
     print(f"{'category':<14} {'tokens':>6} {'ar tok/s':>9} {args.method + ' tok/s':>12} {'speedup':>8} {'MAT':>5}  same text as ar")

@@ -49,6 +49,12 @@ import torch.nn.functional as F
 
 from fastdecode.cache import KVCache
 from fastdecode.models.llama import Block, LlamaModel, ModelConfig
+from fastdecode.tokenizer import cache_dir
+
+# Compiled Triton kernels and torch.compile's artifacts live with fastdecode's other caches, so a second
+# process on the machine loads them instead of compiling again (unless the user points them elsewhere).
+os.environ.setdefault("TRITON_CACHE_DIR", str(cache_dir() / "triton"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
 
 WIDTHS = (1, 2, 4, 8, 16, 32, 64)  # verify / AR forwards, padded up to one of these
 PREFILL_WIDTHS = (128, 256, 512, 1024, 2048)  # prefill chunks; longer prompts run in several chunks
@@ -56,36 +62,38 @@ MIN_SPAN = 256  # the smallest cache span attention reads; spans are powers of t
 
 
 # How each fused linear launches (triton_kernels.fused_linear): columns per program, K chunk, tensor cores or
-# CUDA cores, warps, pipeline stages. `narrow` serves every forward of at most 16 rows (the AR step, single-token
-# drafts, a verify of up to 15 drafts) and `wide` the 32- and 64-row ones. Within `narrow` one launch per
-# projection serves every width, and both kernels compute a row the same way whatever the width (tensor cores
-# pad rows to one 16-row tile; the CUDA-core kernel gives each row programs of its own), so the AR step and the verify
-# round of a draft agree to the bit and greedy speculative decoding stays token-identical in bf16 too.
-# Measured on the H200 by scripts/gpu_kernel_sweep.py; FASTDECODE_TUNING (JSON, or a JSON file) overrides any part.
+# CUDA cores, warps, pipeline stages. One launch per projection serves every decode width (1 to 64 rows), and
+# both kernels compute a row the same way whatever the number of rows (tensor cores in 16-row tiles, the
+# CUDA-core kernel a program per row), so the AR step and a verify round of any width agree to the bit and
+# greedy speculative decoding stays token-identical in bf16. No tuning can break that: there is nothing
+# per width to tune (a `wide` group once served 32 and 64 rows and made `ngram` and `lookahead` part from
+# `ar` on 59% and 72% of prompts in bf16 on an H100). Measured on the H200 by scripts/gpu_kernel_sweep.py;
+# FASTDECODE_TUNING (JSON, or a JSON file) overrides any part, on any GPU.
 LINEARS = ("qkv", "o", "gu", "down", "lm")
 _TC = {"dot": True, "num_warps": 4, "num_stages": 3}
 DEFAULT_TUNING: dict[str, Any] = {
-    "narrow": {
+    "decode": {
         "qkv": {"block_n": 8, "block_k": 1024, "dot": False, "num_warps": 8, "num_stages": 3},  # 3.2 us at 1 row, not 7.7
         "o": {"block_n": 32, "block_k": 256, **_TC},
         "gu": {"block_n": 32, "block_k": 128, **_TC},
         "down": {"block_n": 32, "block_k": 256, **_TC},
         "lm": {"block_n": 128, "block_k": 64, **_TC},
     },
-    "wide": {
-        "qkv": {"block_n": 16, "block_k": 128, **_TC},
-        "o": {"block_n": 16, "block_k": 256, **_TC},
-        "gu": {"block_n": 16, "block_k": 128, **_TC},
-        "down": {"block_n": 16, "block_k": 256, **_TC},
-        "lm": {"block_n": 256, "block_k": 64, **_TC},
-    },
 }
-NARROW_MAX = 16  # widths served by `narrow`
+# where a CUDA-core launch cannot hold a (wider) model's K in one block: tensor cores, at every width alike
+TENSOR_CORE_FALLBACK: dict[str, dict[str, Any]] = {
+    "qkv": {"block_n": 16, "block_k": 128, **_TC},
+    "o": {"block_n": 16, "block_k": 256, **_TC},
+    "gu": {"block_n": 16, "block_k": 128, **_TC},
+    "down": {"block_n": 16, "block_k": 256, **_TC},
+    "lm": {"block_n": 256, "block_k": 64, **_TC},
+}
 _LAUNCH_KEYS = {"block_n", "block_k", "dot", "num_warps", "num_stages"}
 
 
 def load_tuning(spec: str | None = None) -> dict[str, Any]:
-    """DEFAULT_TUNING with `spec` (JSON text or a JSON file's path; default $FASTDECODE_TUNING) merged over it."""
+    """DEFAULT_TUNING with `spec` (JSON text or a JSON file's path; default $FASTDECODE_TUNING) merged over it.
+    `narrow`, the name of the group in files written before issue 10, is read as `decode`."""
     spec = os.environ.get("FASTDECODE_TUNING", "") if spec is None else spec
     tuning = json.loads(json.dumps(DEFAULT_TUNING))
     if not spec:
@@ -95,8 +103,10 @@ def load_tuning(spec: str | None = None) -> dict[str, Any]:
         over = json.loads(text)
     except (OSError, ValueError) as e:
         raise ValueError(f"FASTDECODE_TUNING: cannot read {spec!r}: {e}") from None
-    if not isinstance(over, dict) or set(over) - {"narrow", "wide"}:
-        raise ValueError(f"FASTDECODE_TUNING: expected the keys narrow and wide; got {spec!r}")
+    if isinstance(over, dict) and "wide" in over:
+        raise ValueError("FASTDECODE_TUNING: there is no `wide` group any more: one `decode` launch per projection serves every width")
+    if not isinstance(over, dict) or set(over) - {"decode", "narrow"}:
+        raise ValueError(f"FASTDECODE_TUNING: expected the key decode; got {spec!r}")
     for group, kinds in over.items():
         if not isinstance(kinds, dict) or not all(isinstance(c, dict) for c in kinds.values()):
             raise ValueError(f"FASTDECODE_TUNING: {group} must map projections to launch settings; got {kinds!r}")
@@ -105,7 +115,7 @@ def load_tuning(spec: str | None = None) -> dict[str, Any]:
                 raise ValueError(f"FASTDECODE_TUNING: unknown linear {kind!r} (one of {', '.join(LINEARS)})")
             if set(cfg) - _LAUNCH_KEYS:
                 raise ValueError(f"FASTDECODE_TUNING: unknown launch keys {sorted(set(cfg) - _LAUNCH_KEYS)} for {kind!r}")
-            tuning[group][kind].update(cfg)
+            tuning["decode"][kind].update(cfg)
     return tuning
 
 
@@ -229,7 +239,7 @@ class GraphRunner:
         use_graphs: bool | None = None,
         compile: bool | None = None,
         kernels: str | None = None,  # "triton" (fused decode kernels) or "torch"; default: triton where it can run
-        verbose: bool = True,
+        verbose: bool | None = None,  # print a line per captured graph (default: $FASTDECODE_VERBOSE=1)
     ):
         self.model = model
         self.cfg: ModelConfig = model.cfg
@@ -244,10 +254,13 @@ class GraphRunner:
         self.kernels = kernels
         # tuning of the fused kernels (measured on the H200: scripts/gpu_kernel_sweep.py, gpu_forward_timing.py)
         self.attn_block_s = int(os.environ.get("FASTDECODE_ATTN_BLOCK", "32"))
-        self.attn_splits = int(os.environ.get("FASTDECODE_ATTN_SPLITS", "32"))  # 0: one pass over the cache per kv head
+        # positions per attention split (a multiple of the block): fixed, so a row's splits never depend on the width
+        self.attn_share = int(os.environ.get("FASTDECODE_ATTN_SHARE", "128"))
+        if self.attn_share < self.attn_block_s or self.attn_share % self.attn_block_s:
+            raise ValueError(f"FASTDECODE_ATTN_SHARE {self.attn_share} must be a multiple of FASTDECODE_ATTN_BLOCK {self.attn_block_s}")
         self.triton_max_width = int(os.environ.get("FASTDECODE_TRITON_MAX_WIDTH", "64"))  # wider forwards: torch kernels
         self.tuning = load_tuning()
-        self.verbose = verbose
+        self.verbose = os.environ.get("FASTDECODE_VERBOSE", "0") == "1" if verbose is None else verbose
         self.capture_seconds = 0.0  # capture + compilation, all graphs so far
         self.graphs: dict[GraphKey, _Graph] = {}
         self.last_key: GraphKey | None = None
@@ -275,8 +288,8 @@ class GraphRunner:
                 self._w_lm_n = model.lm_head.weight * model.norm.weight[None, :]
         self._cap = -(-cfg.max_position // 64) * 64  # cache slots attention may read; slot `_cap` is scratch
         maxw = PREFILL_WIDTHS[-1]
-        n_ints = 3 * maxw + WIDTHS[-1] ** 2
-        self._ints = torch.zeros(n_ints, dtype=torch.int64, device=model.device)  # ids|pos|slots|mask
+        n_ints = 3 * maxw + 2 * WIDTHS[-1] ** 2
+        self._ints = torch.zeros(n_ints, dtype=torch.int64, device=model.device)  # ids|pos|slots|mask|ancestor slots
         # the host side of `_ints`: filled through numpy, sent by one asynchronous copy (pinned memory on a GPU)
         self._host = torch.zeros(n_ints, dtype=torch.int64, pin_memory=model.device.type == "cuda")
         self._host_np = self._host.numpy()
@@ -434,6 +447,19 @@ class GraphRunner:
             m[:] = np.eye(Tb, dtype=np.int64)
             m[:T, :T] = mask.reshape(T, T).to("cpu", torch.int64).numpy()
             n += Tb * Tb
+            # each row's keys in position order (the fused attention): anc[t, d] = slot of the row that row t
+            # sees at position start + d; padded rows see their own scratch row
+            anc = h[n : n + Tb * Tb].reshape(Tb, Tb)
+            anc[:] = -1
+            depth = h[Tb : Tb + T] - start
+            tt, jj = np.nonzero(m[:T, :T])
+            seen_depths = np.bincount(tt, weights=depth[jj], minlength=T) if T else depth
+            if (depth.min() < 0 or depth.max() >= Tb or not np.array_equal(np.bincount(tt, minlength=T), depth + 1)
+                    or (depth[jj] > depth[tt]).any() or not np.array_equal(seen_depths, depth * (depth + 1) // 2)):
+                raise ValueError("a forward's rows must be tree paths: each row sees one new row per position up to its own")
+            anc[tt, depth[jj]] = start + jj
+            anc[T:, 0] = self._cap
+            n += Tb * Tb
         self._ints[:n].copy_(self._host[:n], non_blocking=True)
         if self._copied is not None:
             self._copied.record(torch.cuda.current_stream(self.device))
@@ -483,14 +509,12 @@ class GraphRunner:
             return [(li, li) for li in range(self.cfg.num_layers)], self._storage  # type: ignore[return-value]
         return list(enumerate(layers)), self._draft_storage[len(layers)]
 
-    def _linear(self, Tb: int, kind: str) -> dict[str, Any]:
-        """The launch of projection `kind` at width Tb. A CUDA-core launch whose K block does not cover the
-        projection's K (a wider model than the tuning's) gives way to the default wide (tensor-core) launch — at every
-        width of its group alike, so rows still compute the same way at every narrow width."""
-        group = "narrow" if Tb <= NARROW_MAX else "wide"
-        cfg = self.tuning[group][kind]
+    def _linear(self, kind: str) -> dict[str, Any]:
+        """The launch of projection `kind`, the same at every width. A CUDA-core launch whose K block does not
+        cover the projection's K (a wider model than the tuning's) gives way to tensor cores — at every width."""
+        cfg = self.tuning["decode"][kind]
         if not cfg.get("dot", True) and cfg["block_k"] < self._k_of[kind]:
-            return DEFAULT_TUNING["wide"][kind]  # tensor cores
+            return TENSOR_CORE_FALLBACK[kind]
         return cfg
 
     def _triton_forward(
@@ -503,27 +527,22 @@ class GraphRunner:
         h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         ints = self._ints
         ids, pos, slots = ints[:Tb], ints[Tb : 2 * Tb], ints[2 * Tb : 3 * Tb]
-        mask = None if causal else ints[3 * Tb : 3 * Tb + Tb * Tb]
         x = m.embed_tokens(ids)  # (Tb, D), the residual stream, updated in place
         q = torch.empty(Tb, h, hd, dtype=x.dtype, device=x.device)
         o = torch.empty(Tb, h * hd, dtype=x.dtype, device=x.device)
         mid = torch.empty(Tb, cfg.intermediate_size, dtype=x.dtype, device=x.device)
-        ns = self.attn_splits
-        partials = None
-        if ns:
-            f32 = dict(dtype=torch.float32, device=x.device)
-            partials = (torch.empty(ns, Tb * h, hd, **f32), torch.empty(ns, Tb * h, **f32), torch.empty(ns, Tb * h, **f32))
-        lin = {kind: self._linear(Tb, kind) for kind in LINEARS}
+        anc = None if causal else ints[3 * Tb + Tb * Tb : 3 * Tb + 2 * Tb * Tb]
+        ns = 1 << (-(-self._cap // self.attn_share) - 1).bit_length()  # splits of the positions, a power of two: fixed per runner
+        f32 = dict(dtype=torch.float32, device=x.device)
+        partials = (torch.empty(ns, Tb * h, hd, **f32), torch.empty(ns, Tb * h, **f32), torch.empty(ns, Tb * h, **f32))
+        lin = {kind: self._linear(kind) for kind in LINEARS}
         plan, (k_all, v_all) = self._layer_plan(layers)
         for j, li in plan:
             block = self._blocks[li]
             kc, vc = k_all[j, 0], v_all[j, 0]  # (kvh, cap+1, hd)
             rope = (m.rope_cos, m.rope_sin, pos, slots, kc, vc, h, kvh, hd)
             tk.fused_linear(x, self._w_qkv_n[li], q, tk.ROPE, norm_eps=cfg.rms_eps, rope=rope, **lin["qkv"])
-            if partials is None:
-                tk.attention(q, kc, vc, o, slots, mask, block_s=self.attn_block_s)
-            else:
-                tk.attention_split(q, kc, vc, o, slots, mask, partials, block_s=self.attn_block_s)
+            tk.attention(q, kc, vc, o, pos, slots, anc, partials, self.attn_share, block_s=self.attn_block_s)
             tk.fused_linear(o, block.self_attn.o_proj.weight, x, tk.RESIDUAL, res=x, **lin["o"])
             tk.fused_linear(x, self._w_gu_n[li], mid, tk.SILU, norm_eps=cfg.rms_eps, **lin["gu"])
             tk.fused_linear(mid, block.mlp.down_proj.weight, x, tk.RESIDUAL, res=x, **lin["down"])

@@ -6,13 +6,14 @@ SmolLM2-135M moves only ~270 MB, so the forward's time is the number of kernels.
 - `fused_linear`: y = [RMSNorm](A) @ W^T with one of four epilogues: store; SiLU(gate)·up; residual add
   (in place); RoPE on q/k with k and v written straight into the KV cache at their slots.
   The RMSNorm weight is folded into W by the caller (W' = W · w), the row scale is computed in the kernel.
-  Two kernels behind it: tensor cores (rows padded to a 16- or 32-row tile), or CUDA cores with a program
+  Two kernels behind it: tensor cores (rows padded to 16-row tiles), or CUDA cores with a program
   per (row, column block) holding all of K — for one row the faster one on the H200 for some projections,
   since narrow column blocks spread even a 576-column projection over the whole GPU. Both compute a row the
-  same way whatever the number of rows (up to 16 for tensor cores), which the runner relies on to keep the
-  AR step and a verify round bit-identical (cuda_graphs.py, DEFAULT_TUNING).
-- `attention`: grouped-query attention of the new rows over the cache, the visibility (cache before
-  `start`, then the tree mask among the new rows) computed in the kernel from `start` and the mask.
+  same way whatever the number of rows, which the runner relies on to keep the AR step and a verify round
+  of any width bit-identical (cuda_graphs.py, DEFAULT_TUNING).
+- `attention`: grouped-query attention of the new rows over the cache, a program per (kv head, token,
+  split of the positions): each row reads its keys in position order (the committed cache, then its tree
+  ancestors through a per-row table), so its output is the 1-row step's at the same position, bit for bit.
 
 `start` and the slots are read from device memory, so a captured graph stays valid as the cache grows.
 Needs Triton (present wherever PyTorch has CUDA); `available()` says whether it can be used here. The
@@ -190,98 +191,54 @@ if triton is not None:
     def _attention_kernel(
         q_ptr,  # (T, NQ, HD)
         kc_ptr, vc_ptr, stride_ch,  # this layer's cache, (kvh, S, HD) with head stride
-        o_ptr,  # (T, NQ·HD)
+        po_ptr, pm_ptr, pl_ptr,  # partials: o (NSPLIT, T·NQ, HD) fp32, m and l (NSPLIT, T·NQ) fp32
+        pos_ptr,  # (T,) int64 positions of the new rows
         slot_ptr,  # (T,) int64: slot_ptr[0] is `start`, the first slot of the new rows
-        mask_ptr,  # (T, T) int64 visibility among the new rows (ignored when CAUSAL)
-        T, S, sm_scale,
+        anc_ptr,  # (T, T) int64: anc[t, d] = slot of the row row t sees at position start + d, or -1 (unused when CAUSAL)
+        T, S, SHARE, sm_scale,
         CAUSAL: tl.constexpr, REP: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
+        """Program (kv head, token t, split): the REP query heads of token t over positions
+        [split·SHARE, (split+1)·SHARE) ∩ [0, pos_t], read in position order (a tree row's ancestors through
+        `anc`, wherever their rows sit), in blocks of BLOCK_S aligned at 0. Nothing here depends on how many
+        rows share the forward, so a row's partials equal those of the 1-row step at its position bit for bit."""
         kvh = tl.program_id(0)
-        r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows (t, rep) of this kv head
-        t = r // REP
-        h = kvh * REP + r % REP
-        r_ok = t < T
+        t = tl.program_id(1)
+        split = tl.program_id(2)
+        r = tl.arange(0, BLOCK_M)  # this token's query heads of kv head `kvh`, padded to one tile
+        r_ok = r < REP
+        h = kvh * REP + r
         d = tl.arange(0, HD)
-        q = tl.load(q_ptr + t[:, None] * (NQ * HD) + h[:, None] * HD + d[None, :], mask=r_ok[:, None], other=0.0)
+        q = tl.load(q_ptr + t * (NQ * HD) + h[:, None] * HD + d[None, :], mask=r_ok[:, None], other=0.0)
         start = tl.load(slot_ptr)
-        end = start + T
+        p_t = tl.load(pos_ptr + t)
+        lo = split * SHARE
+        hi = tl.minimum(lo + SHARE, p_t + 1)
         m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, HD), dtype=tl.float32)
         qk_scale = sm_scale * 1.4426950408889634  # exp2
-        for c0 in range(0, end, BLOCK_S):
-            c = c0 + tl.arange(0, BLOCK_S)
-            c_ok = (c < end) & (c < S)  # S: the rows the cache holds (padded rows may reach past them)
-            k = tl.load(kc_ptr + kvh * stride_ch + c[:, None] * HD + d[None, :], mask=c_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_S)
-            rel = c - start
-            new = (rel >= 0) & c_ok
-            if CAUSAL:
-                see_new = rel[None, :] <= t[:, None]
-            else:
-                relc = tl.where(new, rel, 0)
-                see_new = tl.load(mask_ptr + t[:, None] * T + relc[None, :], mask=r_ok[:, None] & new[None, :], other=0) != 0
-            vis = (rel[None, :] < 0) | (new[None, :] & see_new)
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(vc_ptr + kvh * stride_ch + c[:, None] * HD + d[None, :], mask=c_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-        out = acc / l_i[:, None]
-        tl.store(o_ptr + t[:, None] * (NQ * HD) + h[:, None] * HD + d[None, :], out.to(o_ptr.dtype.element_ty), mask=r_ok[:, None])
-
-
-    @triton.jit
-    def _attention_split_kernel(
-        q_ptr, kc_ptr, vc_ptr, stride_ch,
-        po_ptr, pm_ptr, pl_ptr,  # partials: o (NSPLIT, T·NQ, HD) fp32, m and l (NSPLIT, T·NQ) fp32
-        slot_ptr, mask_ptr,
-        T, S, sm_scale,
-        CAUSAL: tl.constexpr, REP: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
-    ):
-        """Flash-decoding: split `split` of NSPLIT covers an equal share of the cache in use (read on the device)."""
-        kvh = tl.program_id(0)
-        r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        split = tl.program_id(2)
-        nsplit = tl.num_programs(2)
-        t = r // REP
-        h = kvh * REP + r % REP
-        r_ok = t < T
-        d = tl.arange(0, HD)
-        q = tl.load(q_ptr + t[:, None] * (NQ * HD) + h[:, None] * HD + d[None, :], mask=r_ok[:, None], other=0.0)
-        start = tl.load(slot_ptr)
-        end = start + T
-        share = tl.cdiv(tl.cdiv(end, nsplit), BLOCK_S) * BLOCK_S
-        lo = split * share
-        hi = tl.minimum(lo + share, end)
-        m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_M, HD), dtype=tl.float32)
-        qk_scale = sm_scale * 1.4426950408889634
         for c0 in range(lo, hi, BLOCK_S):
-            c = c0 + tl.arange(0, BLOCK_S)
-            c_ok = (c < hi) & (c < S)
-            k = tl.load(kc_ptr + kvh * stride_ch + c[:, None] * HD + d[None, :], mask=c_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            rel = c - start
-            new = (rel >= 0) & c_ok
-            if CAUSAL:
-                see_new = rel[None, :] <= t[:, None]
+            c = c0 + tl.arange(0, BLOCK_S)  # positions
+            if CAUSAL:  # a chain: every position sits in the slot of the same number
+                slot = c
+                vis = c < hi
             else:
-                relc = tl.where(new, rel, 0)
-                see_new = tl.load(mask_ptr + t[:, None] * T + relc[None, :], mask=r_ok[:, None] & new[None, :], other=0) != 0
-            vis = ((rel[None, :] < 0) & c_ok[None, :]) | (new[None, :] & see_new)
-            s = tl.where(vis, s, float("-inf"))
+                rel = c - start
+                new = (rel >= 0) & (c < hi)
+                anc = tl.load(anc_ptr + t * T + tl.where(new, rel, 0), mask=new, other=-1)
+                slot = tl.where(rel < 0, c, anc)
+                vis = (c < hi) & (slot >= 0)
+            vis = vis & (slot < S)
+            k = tl.load(kc_ptr + kvh * stride_ch + slot[:, None] * HD + d[None, :], mask=vis[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_S)
+            s = tl.where(vis[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(vc_ptr + kvh * stride_ch + c[:, None] * HD + d[None, :], mask=c_ok[:, None], other=0.0)
+            v = tl.load(vc_ptr + kvh * stride_ch + slot[:, None] * HD + d[None, :], mask=vis[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         row = t * NQ + h  # (t, head) index
@@ -304,8 +261,7 @@ if triton is not None:
         tl.store(o_ptr + row * HD + d, out.to(o_ptr.dtype.element_ty))
 
 
-def _block_m(m: int) -> int:
-    return 16 if m <= 16 else 32  # 64-row tiles gave wrong results on the H200 (tests/test_gpu.py, 2026-11-29)
+BLOCK_M = 16  # rows per tensor-core tile at every width: a row computes the same way in a 1-row and a 64-row launch
 
 
 def fused_linear(
@@ -354,7 +310,7 @@ def fused_linear(
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
         )
         return out
-    bm = _block_m(M)
+    bm = BLOCK_M
     _fused_linear_kernel[(grid_n, triton.cdiv(M, bm))](
         a, a.stride(0), w, w.stride(0), out, out.stride(0), res, res.stride(0),
         cos, sin, pos, slots, kc, vc, stride_ch,
@@ -365,47 +321,31 @@ def fused_linear(
     return out
 
 
-def attention_split(
-    q: torch.Tensor,  # (T, NQ, HD)
-    k_cache: torch.Tensor,  # (kvh, S, HD)
-    v_cache: torch.Tensor,
-    out: torch.Tensor,  # (T, NQ·HD)
-    slots: torch.Tensor,
-    mask: torch.Tensor | None,
-    partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor],  # (NSPLIT, T·NQ, HD), (NSPLIT, T·NQ) ×2, fp32
-    block_s: int = 64,
-) -> torch.Tensor:
-    """Attention split over the cache in NSPLIT parallel shares, then combined: two launches, many programs."""
-    T, nq, hd = q.shape
-    nkv = k_cache.shape[0]
-    rep = nq // nkv
-    po, pm, pl = partials
-    nsplit = po.shape[0]
-    bm = _block_m(T * rep)
-    _attention_split_kernel[(nkv, triton.cdiv(T * rep, bm), nsplit)](
-        q, k_cache, v_cache, k_cache.stride(0), po, pm, pl, slots, slots if mask is None else mask,
-        T, k_cache.shape[1], hd ** -0.5, CAUSAL=mask is None, REP=rep, NQ=nq, HD=hd, BLOCK_M=bm, BLOCK_S=block_s,
-        num_warps=4, num_stages=2,
-    )
-    _attention_combine_kernel[(T * nq,)](po, pm, pl, out, T * nq, NSPLIT=nsplit, HD=hd, num_warps=1)
-    return out
-
-
 def attention(
     q: torch.Tensor,  # (T, NQ, HD)
     k_cache: torch.Tensor,  # (kvh, S, HD) view of one layer's cache (batch 1)
     v_cache: torch.Tensor,
     out: torch.Tensor,  # (T, NQ·HD)
+    positions: torch.Tensor,  # (T,) int64
     slots: torch.Tensor,  # (T,) int64, slots[0] = start
-    mask: torch.Tensor | None,  # (T, T) int64, None = causal
+    anc: torch.Tensor | None,  # (T, T) int64 slot of each row's key at position start + d (-1: unseen); None = causal chain
+    partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor],  # (NSPLIT, T·NQ, HD), (NSPLIT, T·NQ) ×2, fp32
+    share: int,  # positions per split, a multiple of block_s: fixed per runner, never per width
     block_s: int = 64,
 ) -> torch.Tensor:
+    """Attention of the new rows, split over positions in NSPLIT shares of `share`, then combined: two launches.
+    Every row is computed alone over its keys in position order, so its output does not depend on the width."""
     T, nq, hd = q.shape
     nkv = k_cache.shape[0]
     rep = nq // nkv
-    bm = _block_m(T * rep)
-    _attention_kernel[(nkv, triton.cdiv(T * rep, bm))](
-        q, k_cache, v_cache, k_cache.stride(0), out, slots, slots if mask is None else mask,
-        T, k_cache.shape[1], hd ** -0.5, CAUSAL=mask is None, REP=rep, NQ=nq, HD=hd, BLOCK_M=bm, BLOCK_S=block_s, num_warps=4, num_stages=2,
+    if rep > BLOCK_M or share % block_s:
+        raise ValueError(f"attention: {rep} query heads per kv head (max {BLOCK_M}), share {share} not a multiple of {block_s}")
+    po, pm, pl = partials
+    nsplit = po.shape[0]
+    _attention_kernel[(nkv, T, nsplit)](
+        q, k_cache, v_cache, k_cache.stride(0), po, pm, pl, positions, slots, slots if anc is None else anc,
+        T, k_cache.shape[1], share, hd ** -0.5, CAUSAL=anc is None, REP=rep, NQ=nq, HD=hd, BLOCK_M=BLOCK_M, BLOCK_S=block_s,
+        num_warps=4, num_stages=2,
     )
+    _attention_combine_kernel[(T * nq,)](po, pm, pl, out, T * nq, NSPLIT=nsplit, HD=hd, num_warps=1)
     return out

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the GPU tests and the GPU benchmark on the device machine; results go to the folder given as $1.
-#   scripts/gpu.sh OUT [tests] [sweep] [forward] [bench] [fbench]     (default: tests forward bench)
+#   scripts/gpu.sh OUT [tests] [sweep] [forward] [bench] [fbench] [firstrun]     (default: tests forward bench)
 # Expects the embedded model at /root/models/smollm2.gguf (see ../shared/device/README.md) for `bench`,
 # and PYTHONPATH holding the checkout (and /tmp/site for the gguf package).
 # `sweep` tunes the fused linear kernels and writes $TUNING_OUT (default /root/tuning.json); stages after it,
@@ -34,6 +34,19 @@ for stage in $stages; do
                --methods "${METHODS:-ar,pld}" --workload "${WORKLOAD:-spec-bench}" --per-category "${PER_CATEGORY:-10}" --max-new-tokens 256 --out "$fb" --resume \
                --temperature "${TEMPERATURE:-0}" --no-progress ${FB_ARGS:-} > "$fb.log" 2>&1 || status=1
              tail -40 "$fb.log" ;;
+    firstrun) # one-off CLI runs as a user meets them: fresh caches, then warm ones, with and without torch.compile;
+             # each line: the process's wall time, then the CLI's summary line (its decode time and capture)
+             for compile in 0 1; do
+               cache="/tmp/fd-firstrun-$compile"; rm -rf "$cache"
+               for run in cold warm warm2; do
+                 t0=$(date +%s.%N)
+                 FASTDECODE_CACHE=$cache FASTDECODE_COMPILE=$compile "$py" -m fastdecode generate --model "$model" --method ${FR_METHOD:-pld} \
+                   --max-new-tokens 128 "Summarize the plot of Hamlet in three sentences." > "$out/firstrun.txt" 2> "$out/firstrun.err" || status=1
+                 t1=$(date +%s.%N)
+                 echo "compile=$compile $run: process $(echo "$t1 - $t0" | bc) s; $(tail -1 "$out/firstrun.err")" | tee -a "$out/firstrun.log"
+               done
+             done
+             head -c 300 "$out/firstrun.txt"; echo ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
 done

@@ -4,10 +4,9 @@ For each of SmolLM2-135M's five projections (qkv with RoPE and the KV write, o w
 with SiLU, down with the residual, the LM head) and each launch configuration (columns per program, K chunk,
 tensor cores or not, warps), time a CUDA graph that launches the kernel once per weight copy, over enough
 copies that the weights do not stay in L2 (as in a real forward, which reads ~270 MB per token). The
-`narrow` launch of each projection (one for every width up to 16, so that rows compute alike at every
-width) is the one with the least time at 1 row plus at 16 rows, over CUDA-core and tensor-core launches;
-the `wide` one (32 and 64 rows) the fastest tensor-core launch at 32 rows. Timing does not depend on the
-weights, so they are random.
+`decode` launch of each projection (one for every width 1..64, so that rows compute alike at every width)
+is the one with the least time at 1 row plus at 16 rows, over CUDA-core and tensor-core launches; its time
+at 64 rows is recorded too. Timing does not depend on the weights, so they are random.
 
     python scripts/gpu_kernel_sweep.py --out results/sweep.json --tuning-out /root/tuning.json
     FASTDECODE_TUNING=/root/tuning.json python -m fastdecode bench ...
@@ -111,7 +110,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True, help="every timing, as JSON")
     ap.add_argument("--tuning-out", required=True, help="the best tuning, as JSON for FASTDECODE_TUNING")
-    ap.add_argument("--quick", action="store_true", help="narrow only: CUDA-core launches against the default tuning's")
+    ap.add_argument("--quick", action="store_true", help="CUDA-core launches against the default tuning's only")
     args = ap.parse_args()
     t0 = time.perf_counter()
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "timings": {}}
@@ -119,22 +118,18 @@ def main() -> None:
     def say(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
-    # narrow (widths 1-16): one launch per projection serves them all; score = time at 1 row + time at 16 rows
-    # wide (widths 32, 64): tensor cores, timed at 32 rows
-    narrow: dict[str, dict] = {}
-    wide: dict[str, dict] = {}
+    # one launch per projection serves every width (1..64): score = time at 1 row + time at 16 rows
+    decode: dict[str, dict] = {}
     for kind in LINEARS:
-        cfgs = candidates(kind, True) + ([DEFAULT_TUNING["narrow"][kind]] if args.quick else candidates(kind, False))
-        t1 = {json.dumps(c): us for us, c in sweep(kind, 1, cfgs, res, "narrow")}
-        t16 = {json.dumps(c): us for us, c in sweep(kind, 16, cfgs, res, "narrow")}
+        cfgs = candidates(kind, True) + ([DEFAULT_TUNING["decode"][kind]] if args.quick else candidates(kind, False))
+        t1 = {json.dumps(c): us for us, c in sweep(kind, 1, cfgs, res, "decode")}
+        t16 = {json.dumps(c): us for us, c in sweep(kind, 16, cfgs, res, "decode")}
         scored = sorted((t1[k] + t16[k], t1[k], t16[k], k) for k in t1 if k in t16)
-        narrow[kind] = json.loads(scored[0][3])
-        res["timings"][f"{kind}:narrow:score"] = [(round(a, 2), round(b, 2), round(c, 2), json.loads(k)) for a, b, c, k in scored]
-        w32 = sweep(kind, 32, [DEFAULT_TUNING["wide"][kind]] if args.quick else candidates(kind, False), res, "wide")
-        wide[kind] = w32[0][1]
-        say(f"{kind:5} narrow {scored[0][1]:6.2f} us at 1 row, {scored[0][2]:6.2f} us at 16: {narrow[kind]}; "
-            f"wide {w32[0][0]:6.2f} us at 32: {wide[kind]}")
-    best = {"narrow": narrow, "wide": wide}
+        decode[kind] = json.loads(scored[0][3])
+        res["timings"][f"{kind}:decode:score"] = [(round(a, 2), round(b, 2), round(c, 2), json.loads(k)) for a, b, c, k in scored]
+        w64 = sweep(kind, 64, [decode[kind]], res, "decode")
+        say(f"{kind:5} decode {scored[0][1]:6.2f} us at 1 row, {scored[0][2]:6.2f} us at 16, {w64[0][0]:6.2f} us at 64: {decode[kind]}")
+    best = {"decode": decode}
     res["best"] = best
     res["seconds"] = round(time.perf_counter() - t0, 1)
     with open(args.out, "w") as f:

@@ -133,27 +133,38 @@ def test_layer_subset_forward_matches_model(device: str) -> None:
 
 
 def test_tuning_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    over = '{"narrow": {"down": {"block_n": 4, "block_k": 2048, "dot": false}}}'
+    """One launch per projection for every decode width: a tuning file can change the launch, never make it
+    differ between widths (which would break bit equality of the AR step and a verify round)."""
+    over = '{"decode": {"down": {"block_n": 4, "block_k": 2048, "dot": false}}}'
     t = cuda_graphs.load_tuning(over)
-    assert t["narrow"]["down"] == {**cuda_graphs.DEFAULT_TUNING["narrow"]["down"], "block_n": 4, "block_k": 2048, "dot": False}
-    assert t["wide"] == cuda_graphs.DEFAULT_TUNING["wide"]
+    assert t["decode"]["down"] == {**cuda_graphs.DEFAULT_TUNING["decode"]["down"], "block_n": 4, "block_k": 2048, "dot": False}
+    assert set(t) == {"decode"}
     monkeypatch.setenv("FASTDECODE_TUNING", over)
     runner = GraphRunner(tiny("cpu"), compile=False, verbose=False)
-    assert runner._linear(1, "down") is runner._linear(16, "down") and runner._linear(1, "down")["block_n"] == 4
-    assert runner._linear(32, "down") == t["wide"]["down"]
-    # a CUDA-core launch whose K block is shorter than the projection's K gives way to tensor cores, at every narrow width
-    monkeypatch.setenv("FASTDECODE_TUNING", '{"narrow": {"gu": {"block_n": 4, "block_k": 32, "dot": false}}}')
+    assert runner._linear("down")["block_n"] == 4
+    # a CUDA-core launch whose K block is shorter than the projection's K gives way to tensor cores
+    monkeypatch.setenv("FASTDECODE_TUNING", '{"decode": {"gu": {"block_n": 4, "block_k": 32, "dot": false}}}')
     runner = GraphRunner(tiny("cpu"), compile=False, verbose=False)  # hidden 64 > 32
-    assert runner._linear(1, "gu")["dot"] is True and runner._linear(1, "gu") == runner._linear(16, "gu")
+    assert runner._linear("gu")["dot"] is True
     f = tmp_path / "t.json"
-    f.write_text('{"wide": {"lm": {"block_n": 64}}}')
+    f.write_text('{"narrow": {"lm": {"block_n": 64}}}')  # a file from before issue 10: narrow is read as decode
     monkeypatch.setenv("FASTDECODE_TUNING", str(f))
-    assert cuda_graphs.load_tuning()["wide"]["lm"]["block_n"] == 64
-    for bad, msg in (('{"wide": {"mlp": {}}}', "unknown linear 'mlp'"), (str(tmp_path / "missing.json"), "cannot read"),
-                     ('{"rows": 1}', "expected the keys"), ('{"wide": {"o": {"bn": 4}}}', "unknown launch keys"),
-                     ('{"wide": [1]}', "must map projections"), ('{"narrow": {"o": 3}}', "must map projections")):
+    assert cuda_graphs.load_tuning()["decode"]["lm"]["block_n"] == 64
+    for bad, msg in (('{"decode": {"mlp": {}}}', "unknown linear 'mlp'"), (str(tmp_path / "missing.json"), "cannot read"),
+                     ('{"rows": 1}', "expected the key decode"), ('{"decode": {"o": {"bn": 4}}}', "unknown launch keys"),
+                     ('{"decode": [1]}', "must map projections"), ('{"narrow": {"o": 3}}', "must map projections"),
+                     ('{"wide": {"lm": {"block_n": 64}}}', "no `wide` group")):
         with pytest.raises(ValueError, match=msg):
             cuda_graphs.load_tuning(bad)
+
+
+def test_tree_forward_rows_must_be_paths() -> None:
+    """The fused attention reads each row's keys by position: a mask that is not a set of tree paths is refused."""
+    runner = GraphRunner(tiny("cpu"), compile=False, verbose=False)
+    cache = runner.new_target_cache(1, 600)
+    both = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 1, 1]]], dtype=torch.bool)  # row 2 sees two rows at position 11
+    with torch.no_grad(), pytest.raises(ValueError, match="tree paths"):
+        runner(torch.tensor([[1, 2, 3]]), torch.tensor([[10, 11, 11]]), cache, both)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -207,7 +218,7 @@ def test_triton_kernels_close_to_model(T: int, tree: bool, small: bool, monkeypa
     model.load_state_dict(exact.state_dict())
     model = model.to(torch.bfloat16)
     runner = GraphRunner(model, kernels="triton", verbose=False)
-    assert runner.kernels == "triton" and (runner._linear(1, "down")["dot"] is False) == small
+    assert runner.kernels == "triton" and (runner._linear("down")["dot"] is False) == small
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 301, (1, 200), generator=gen)
     new = torch.randint(0, 301, (1, T), generator=gen)
@@ -234,8 +245,8 @@ def test_triton_kernels_close_to_model(T: int, tree: bool, small: bool, monkeypa
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dot", [True, False])
 def test_narrow_linears_row_invariant(dot: bool) -> None:
-    """A row's output from a 16-row launch equals, bit for bit, its output alone: the AR step and the verify round
-    of a draft see the same numbers, so greedy speculative decoding in bf16 stays token-identical."""
+    """A row's output from a 64-row launch equals, bit for bit, its output alone: the AR step and a verify round
+    of any width see the same numbers, so greedy speculative decoding in bf16 stays token-identical."""
     from fastdecode import triton_kernels as tk
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -244,11 +255,11 @@ def test_narrow_linears_row_invariant(dot: bool) -> None:
     cfg = {"block_n": 16, "block_k": 256, "dot": dot, "num_warps": 4, "num_stages": 3}
     if not dot:
         cfg["block_n"] = 4
-    a = torch.randn(16, K, device="cuda", dtype=bf, generator=g)
+    a = torch.randn(64, K, device="cuda", dtype=bf, generator=g)
     w = torch.randn(2 * N, K, device="cuda", dtype=bf, generator=g) * 0.05
     wq = torch.randn((nq + 2 * nkv) * hd, K, device="cuda", dtype=bf, generator=g) * 0.05
     cos, sin = torch.randn(64, hd, device="cuda"), torch.randn(64, hd, device="cuda")
-    pos = torch.arange(16, device="cuda") + 3
+    pos = torch.arange(64, device="cuda") + 3
 
     def run(rows: slice) -> list[torch.Tensor]:
         x = a[rows]
@@ -259,13 +270,71 @@ def test_narrow_linears_row_invariant(dot: bool) -> None:
         res = torch.ones(M, 2 * N, device="cuda", dtype=bf)
         tk.fused_linear(x, w, res, tk.RESIDUAL, res=res, **cfg)
         q = torch.zeros(M, nq, hd, device="cuda", dtype=bf)
-        kc, vc = torch.zeros(nkv, 32, hd, device="cuda", dtype=bf), torch.zeros(nkv, 32, hd, device="cuda", dtype=bf)
+        kc, vc = torch.zeros(nkv, 64, hd, device="cuda", dtype=bf), torch.zeros(nkv, 64, hd, device="cuda", dtype=bf)
         slots = torch.arange(M, device="cuda")
         tk.fused_linear(x, wq, q, tk.ROPE, norm_eps=1e-5, rope=(cos, sin, pos[rows], slots, kc, vc, nq, nkv, hd), **cfg)
         return [*outs, res, q, kc[:, :M].transpose(0, 1), vc[:, :M].transpose(0, 1)]
 
-    together = run(slice(0, 16))
-    for r in (0, 5, 15):
+    together = run(slice(0, 64))
+    for r in (0, 5, 15, 16, 40, 63):
         alone = run(slice(r, r + 1))
         for t, s1 in zip(together, alone, strict=True):
             assert torch.equal(t[r], s1[0])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("prefix", [7, 200])
+def test_runner_rows_bitwise_equal_the_1_row_step(prefix: int) -> None:
+    """Issue 10 on the GPU: through the runner's fused kernels and CUDA graphs in bf16, every row of a chain of
+    any width 1..64, and every node of random trees, equals bit for bit the 1-row step at its position (the
+    AR step), with the default launches of this GPU — tuned on another GPU or not."""
+    import random
+
+    from fastdecode.engine import tree_mask
+
+    cfg = ModelConfig(vocab_size=4096, hidden_size=576, intermediate_size=1536, num_layers=2, num_heads=9, num_kv_heads=3,
+                      head_dim=64, max_position=1024, tie_embeddings=True)
+    model = tiny("cuda", cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.1)
+    runner = GraphRunner(model.to(torch.bfloat16), kernels="triton", verbose=False)
+    assert runner.kernels == "triton"
+    cache = runner.new_target_cache(1, 1024)
+    ids = torch.randint(0, cfg.vocab_size, (1, prefix + 64), generator=torch.Generator().manual_seed(prefix))
+
+    def step_rows(tokens: torch.Tensor, positions: list[int]) -> list[torch.Tensor]:
+        out = []
+        for i, p in enumerate(positions):
+            lg, _ = runner(tokens[:, i : i + 1], torch.tensor([[p]]), cache)
+            out.append(lg[0, 0].clone())
+        return out
+
+    with torch.no_grad():
+        runner(ids[:, :prefix], torch.arange(prefix)[None], cache)
+        ref = step_rows(ids[:, prefix:], list(range(prefix, prefix + 64)))
+        bad = []
+        for width in range(1, 65):
+            cache.length = prefix
+            lg, _ = runner(ids[:, prefix : prefix + width], torch.arange(prefix, prefix + width)[None], cache)
+            bad += [(width, j) for j in range(width) if not torch.equal(lg[0, j], ref[j])]
+        assert not bad, f"chain rows that differ from the 1-row step (width, row): {bad[:10]}"
+        rng = random.Random(prefix)
+        for n in (3, 15, 40, 63):
+            parents = [rng.randrange(-1, j) for j in range(n)]
+            depth: list[int] = []
+            for p in parents:
+                depth.append(1 if p < 0 else depth[p] + 1)
+            rows = ids[:, prefix : prefix + 1 + n]
+            cache.length = prefix
+            mask = tree_mask(parents)
+            lg, _ = runner(rows, torch.tensor([[prefix, *(prefix + d for d in depth)]]), cache, None if mask is None else mask[None])
+            tree = lg[0].clone()
+            for j in rng.sample(range(n), 6):
+                path = [j]
+                while parents[path[-1]] >= 0:
+                    path.append(parents[path[-1]])
+                path_rows = [0, *(1 + i for i in reversed(path))]
+                cache.length = prefix
+                ar = step_rows(rows[:, path_rows], list(range(prefix, prefix + len(path_rows))))
+                assert torch.equal(ar[-1], tree[1 + j]), f"tree of {n}: node {j} differs from its path's 1-row steps"

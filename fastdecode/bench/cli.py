@@ -242,7 +242,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
 
     # 2. the model, and the prompts that fit its context
-    gen = fastdecode.load(args.model, device=args.device, dtype=args.dtype)
+    gen = fastdecode.load(args.model, device=args.device, dtype=args.dtype, verbose=args.verbose or None)
     context = gen.engine.context_length
     workload, skipped = workload.select(
         per_category, lambda p: len(gen.prompt_ids(p.turns[0], raw=p.raw)) + settings.max_new_tokens <= context
