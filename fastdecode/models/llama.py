@@ -8,6 +8,7 @@ engine import lives here.
 from __future__ import annotations
 
 import math
+import os
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,9 +63,14 @@ ROW_INVARIANT_MAX = 256  # forwards of at most this many rows (every decode step
 LINEAR_CHUNK = 64  # rows per narrow product
 
 
+# FASTDECODE_ROW_INVARIANT=0 takes the width-dependent CPU kernels instead (for measuring what invariance costs:
+# scripts/row_invariance_cost.py); drafters are then exact only up to numeric ties in bf16
+ROW_INVARIANT_ON = os.environ.get("FASTDECODE_ROW_INVARIANT", "1") != "0"
+
+
 def row_invariant(x: torch.Tensor, rows: int) -> bool:
-    """Whether a CPU forward of `rows` rows takes the row-invariant path (bf16/fp16, decode-sized)."""
-    return x.device.type == "cpu" and x.dtype in ROW_INVARIANT_DTYPES and rows <= ROW_INVARIANT_MAX
+    """Whether a CPU forward of `rows` rows takes the row-invariant path (bf16, decode-sized)."""
+    return ROW_INVARIANT_ON and x.device.type == "cpu" and x.dtype in ROW_INVARIANT_DTYPES and rows <= ROW_INVARIANT_MAX
 
 
 def narrow_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
