@@ -98,6 +98,18 @@ class Generator:
         return self.model.device
 
     @property
+    def row_invariant(self) -> bool:
+        """Whether this model's forwards give a row the same bits at every width, so that every lossless
+        drafter's greedy output is bit-identical to `ar`'s: bf16 on a CPU that multiplies bf16 natively,
+        bf16/fp16 through the fused kernels on a CUDA GPU. Elsewhere (fp32, fp16 on a CPU, CPUs without
+        native bf16) a 1-row step and a verify round may round differently: identical up to numeric ties."""
+        from fastdecode.models import llama
+
+        if self.device.type == "cuda":
+            return getattr(self.model, "kernels", None) == "triton"
+        return llama.ROW_INVARIANT_ON and self.dtype in llama.ROW_INVARIANT_DTYPES and cpu_has_fast_bf16()
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 

@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LOSSLESS_WHERE = (
+    "lossless: greedy output bit-identical to ar where forwards are row-invariant (bf16 on CPUs with AVX-512-BF16 or AMX;\n"
+    "bf16/fp16 on CUDA GPUs); in fp32, fp16 on a CPU and on CPUs without native bf16 identical up to numeric ties\n"
+    "(fastdecode bench reports exact match and the top-2 gap at any divergence). Sampling: the target's distribution."
+)
+
+
 def cmd_methods() -> int:
     from fastdecode.drafters import get_method, method_names
 
@@ -86,6 +93,7 @@ def cmd_methods() -> int:
         if fields:
             opts = ", ".join(f"{f.name}={f.default}" for f in fields)
             print(f"{'':<12} options: {opts}")
+    print(f"\n{LOSSLESS_WHERE}")
     return 0
 
 
@@ -145,7 +153,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}")
     gen = fastdecode.load(args.model, device=args.device, dtype=args.dtype, verbose=args.verbose or None)
-    print(f"model {args.model} on {gen.device} ({str(gen.dtype).removeprefix('torch.')}), greedy, {args.max_new_tokens} new tokens")
+    print(
+        f"model {args.model} on {gen.device} ({str(gen.dtype).removeprefix('torch.')}), greedy, {args.max_new_tokens} new tokens, "
+        f"row-invariant forwards: {'yes (bit-identical by construction)' if gen.row_invariant else 'no (identical up to numeric ties)'}"
+    )
     rows = run_demo(gen, args.method, args.max_new_tokens)
     print(f"{'category':<14} {'tokens':>6} {'ar tok/s':>9} {args.method + ' tok/s':>12} {'speedup':>8} {'MAT':>5}  same text as ar")
     for r in rows:

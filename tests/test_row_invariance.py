@@ -1,10 +1,10 @@
 """Row-invariant forwards on the CPU in bf16 (issue 10; DESIGN.md, "How we know a method is lossless", 1).
 
-Invariant: a row's logits depend only on its token, its position and the keys it may see — not on how many
-rows share the forward, where its tree ancestors sit in it, or which block of the cache it falls in. So
-node j of a verify forward (any width 1..64, any tree shape) equals, bit for bit, the 1-row step that
-`ar` runs at the same position after the same tokens, and the K/V rows the engine keeps after a rollback
-are those `ar` would have written.
+Invariant (where the CPU multiplies bf16 natively, so that `--dtype auto` runs bf16): a row's logits depend
+only on its token, its position and the keys it may see — not on how many rows share the forward, where its
+tree ancestors sit in it, or which block of the cache it falls in. So node j of a verify forward (any width
+1..64, any tree shape) equals, bit for bit, the 1-row step that `ar` runs at the same position after the
+same tokens, and the K/V rows the engine keeps after a rollback are those `ar` would have written.
 
 The model has SmolLM2-135M's shapes (hidden 576, 9 query / 3 kv heads of 64, MLP 1536, vocabulary 49152:
 the kernels that would round differently are chosen by shape) with random weights and 2 layers.
@@ -17,6 +17,7 @@ import random
 import pytest
 import torch
 
+from fastdecode.api import cpu_has_fast_bf16
 from fastdecode.engine import tree_mask
 from fastdecode.models.llama import ATTN_BLOCK, LlamaModel, ModelConfig, position_plan, row_invariant
 
@@ -30,6 +31,11 @@ SMOLLM2_SHAPES = ModelConfig(
     head_dim=64,
     max_position=2048,
     tie_embeddings=True,
+)
+
+
+NATIVE_BF16 = pytest.mark.skipif(
+    not cpu_has_fast_bf16(), reason="bit equality is promised where the CPU multiplies bf16 natively (AVX-512-BF16/AMX)"
 )
 
 
@@ -67,6 +73,7 @@ def test_the_row_invariant_path_is_taken() -> None:
     assert not row_invariant(torch.zeros(1, 8, dtype=torch.bfloat16), 1000)  # long prefill: ordinary kernels
 
 
+@NATIVE_BF16
 @pytest.mark.parametrize("prefix", [5, ATTN_BLOCK - 20, 3 * ATTN_BLOCK + 7])
 def test_chain_rows_bitwise_equal_the_1_row_step_at_every_width(model: LlamaModel, prefix: int) -> None:
     """Widths 1..64 after a prompt of `prefix` tokens (the chains cross attention blocks): every row equals
@@ -87,6 +94,7 @@ def _random_tree(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(-1, j) for j in range(n)]
 
 
+@NATIVE_BF16
 @pytest.mark.parametrize("seed", range(4))
 def test_tree_nodes_bitwise_equal_their_path_and_kept_rows_equal_ar(model: LlamaModel, seed: int) -> None:
     """A random tree of 3..63 nodes after a random prompt: each node's logits equal the 1-row steps along its

@@ -253,7 +253,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         raise ValueError("no prompt of the workload fits the model's context")
 
     record = {
-        "provenance": provenance(gen.device, gen.dtype),
+        "provenance": provenance(gen.device, gen.dtype, gen.row_invariant),
         "setup": {"model": args.model, "workload": args.workload, "max_new_tokens": settings.max_new_tokens,
                   "temperature": settings.temperature, "seed": settings.seed, "top_logits": TOP_K,
                   "max_turns": args.max_turns},

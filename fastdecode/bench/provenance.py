@@ -53,8 +53,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).removeprefix("torch."))
 
 
-def provenance(device: torch.device, dtype: torch.dtype) -> dict[str, str | int]:
-    return {
+def provenance(device: torch.device, dtype: torch.dtype, row_invariant: bool | None = None) -> dict[str, str | int]:
+    extra: dict[str, str | int] = {} if row_invariant is None else {"row_invariant": "yes" if row_invariant else "no"}
+    return extra | {
         "commit": git_commit(),
         "machine": machine_name(device),
         "device": device.type,

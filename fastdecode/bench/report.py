@@ -48,6 +48,7 @@ def machine_line(provenance: dict[str, Any], date: str) -> str:
     return (
         f"{p.get('machine')} ({p.get('device')}, {p.get('threads')} threads), dtype {p.get('dtype')}, torch {p.get('torch')}, "
         f"fastdecode {p.get('fastdecode')} @ {p.get('commit')}, {date}"
+        + (f", row-invariant forwards: {p['row_invariant']}" if "row_invariant" in p else "")
     )
 
 
