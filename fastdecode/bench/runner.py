@@ -216,8 +216,9 @@ def _stats_fields(turns: Sequence[Turn]) -> dict[str, Any]:
     }
 
 
-def _exactness(turns: Sequence[Turn], reference: dict | None, greedy: bool, lossless: bool) -> dict[str, Any]:
-    """exact, divergence and flag against the reference row (None when there is nothing to compare with)."""
+def _exactness(turns: Sequence[Turn], reference: dict | None, greedy: bool, lossless: bool, strict: bool = False) -> dict[str, Any]:
+    """exact, divergence and flag against the reference row (None when there is nothing to compare with).
+    `strict`: our own method on row-invariant forwards, where a numeric tie is no excuse: any divergence is flagged."""
     if reference is None or reference.get("error"):
         return {"exact": None, "divergence": None, "flag": False}
     ref_ids = [t for turn in reference["token_ids"] for t in turn]
@@ -227,7 +228,7 @@ def _exactness(turns: Sequence[Turn], reference: dict | None, greedy: bool, loss
         return {"exact": True, "divergence": None, "flag": False}
     record = div.to_dict()
     record["turn"] = _turn_of(div.position, [len(t) for t in reference["token_ids"]])
-    return {"exact": False, "divergence": record, "flag": bool(greedy and lossless and not div.tie)}
+    return {"exact": False, "divergence": record, "flag": bool(greedy and lossless and (strict or not div.tie))}
 
 
 def _turn_of(position: int, lengths: Sequence[int]) -> int:
@@ -269,7 +270,8 @@ def result_row(
     if label == REFERENCE:
         row.update(exact=True, divergence=None, flag=False)  # the reference, by definition
     else:
-        row.update(_exactness(turns, reference, settings.greedy, lossless))
+        strict = kind == "method" and record.get("provenance", {}).get("row_invariant") == "yes"
+        row.update(_exactness(turns, reference, settings.greedy, lossless, strict))
     return row
 
 
