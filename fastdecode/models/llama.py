@@ -220,43 +220,44 @@ def attend_by_position(
     v_cache: torch.Tensor,
     end: int,  # slots 0 .. end-1 hold keys
     plan: PositionPlan,
-) -> torch.Tensor:  # (B, kvh, hd, rep, T) fp32
+) -> torch.Tensor:  # (B, kvh, rep, T, hd) fp32
     """Softmax attention whose every reduction runs over a row's keys in position order, in blocks of
-    ATTN_BLOCK positions aligned at 0, through products whose left operand has a fixed shape.
+    ATTN_BLOCK positions aligned at 0, through products of one shape per block whatever the width.
 
     Scores: one product `keys @ q.T` over cache slots (a score depends only on its key and its query),
     read in position order. Softmax over the position-ordered row in fp32 (unseen positions add exact
-    zeros). Values: `V_block.T @ P_block.T` per block (64 x 64 on the left whatever the width), summed in
-    block order. A chain (the 1-row step, prompt lookup) reads the cache as it lies; a tree gathers each
-    row's tail blocks, whose products then equal the chain's bit for bit.
+    zeros). Values: `P_block @ V_block` per block (G x 64 on the right whatever the width), summed in block
+    order. A chain (the 1-row step, prompt lookup) reads the whole cache as it lies (no copies: blocks past
+    the row's position add zeros); a tree gathers each row's tail blocks, whose products then equal the
+    chain's bit for bit.
     """
     B, kvh, R, hd = q.shape
     _, T, L = plan.slots.shape
     rep = R // T
     G, P0 = ATTN_BLOCK, plan.prefix
-    W = P0 + L  # positions covered, whole blocks
     scale = hd**-0.5
-    if plan.chain and W <= k_cache.shape[2]:
-        # slot = position for every seen key: blocks straight from the cache, shared by every row
-        scores = k_cache[:, :, :W] @ q.transpose(-1, -2)  # (B, kvh, W, R)
-        p = torch.softmax(torch.add(plan.bias, scores.transpose(-1, -2), alpha=scale), -1).to(q.dtype)  # (B, kvh, R, W)
-        v = v_cache[:, :, :W].reshape(B, kvh, W // G, G, hd)
-        o = v.transpose(-1, -2) @ p.reshape(B, kvh, R, W // G, G).permute(0, 1, 3, 4, 2)  # (B, kvh, nb, hd, R)
-        return o.sum(2, dtype=torch.float32).reshape(B, kvh, hd, rep, T)
+    S = k_cache.shape[2]
+    if plan.chain and S % G == 0 and S >= P0 + L:
+        # slot = position for every seen key: every block straight from the cache, shared by every row
+        bias = plan.bias if S == P0 + L else torch.cat((plan.bias, plan.bias.new_full((B, 1, R, S - P0 - L), float("-inf"))), -1)
+        scores = k_cache @ q.transpose(-1, -2)  # (B, kvh, S, R)
+        p = torch.softmax(torch.add(bias, scores.transpose(-1, -2), alpha=scale), -1).to(q.dtype)  # (B, kvh, R, S)
+        pb = p.reshape(B, kvh, R, S // G, G).transpose(2, 3)  # (B, kvh, nb, R, G)
+        o = pb @ v_cache.reshape(B, kvh, S // G, G, hd)  # (B, kvh, nb, R, hd)
+        return o.sum(2, dtype=torch.float32).reshape(B, kvh, rep, T, hd)
     scores = (k_cache[:, :, :end] @ q.transpose(-1, -2)).transpose(-1, -2)  # (B, kvh, R, end)
     idx = plan.slots[:, None, None].expand(B, kvh, rep, T, L).reshape(B, kvh, R, L)
-    s = torch.cat((scores[..., :P0], scores.gather(-1, idx.clamp(max=end - 1))), -1)  # (B, kvh, R, W) by position
+    s = torch.cat((scores[..., :P0], scores.gather(-1, idx.clamp(max=end - 1))), -1)  # (B, kvh, R, P0+L) by position
     p = torch.softmax(torch.add(plan.bias, s, alpha=scale), -1).to(q.dtype)
     nbp, nbt = P0 // G, L // G
     vt = torch.stack([v_cache[b][:, plan.slots[b].reshape(-1)] for b in range(B)])  # (B, kvh, T*L, hd) by position
-    vt = vt.reshape(B, kvh, T, nbt, G, hd)
-    pt = p[..., P0:].reshape(B, kvh, rep, T, nbt, G).permute(0, 1, 3, 4, 5, 2)  # (B, kvh, T, nbt, G, rep)
-    o = (vt.transpose(-1, -2) @ pt).permute(0, 1, 3, 4, 5, 2)  # (B, kvh, nbt, hd, rep, T)
+    pt = p[..., P0:].reshape(B, kvh, rep, T, nbt, G).permute(0, 1, 3, 4, 2, 5)  # (B, kvh, T, nbt, rep, G)
+    o = (pt @ vt.reshape(B, kvh, T, nbt, G, hd)).permute(0, 1, 3, 4, 2, 5)  # (B, kvh, nbt, rep, T, hd)
     if nbp:
-        vp = v_cache[:, :, :P0].reshape(B, kvh, nbp, G, hd)
-        pp = p[..., :P0].reshape(B, kvh, R, nbp, G).permute(0, 1, 3, 4, 2)  # (B, kvh, nbp, G, R)
-        o = torch.cat(((vp.transpose(-1, -2) @ pp).reshape(B, kvh, nbp, hd, rep, T), o), 2)
-    return o.sum(2, dtype=torch.float32)  # (B, kvh, hd, rep, T): block partials summed in block order
+        pp = p[..., :P0].reshape(B, kvh, R, nbp, G).transpose(2, 3)  # (B, kvh, nbp, R, G)
+        op = pp @ v_cache[:, :, :P0].reshape(B, kvh, nbp, G, hd)  # (B, kvh, nbp, R, hd)
+        o = torch.cat((op.reshape(B, kvh, nbp, rep, T, hd), o), 2)
+    return o.sum(2, dtype=torch.float32)  # (B, kvh, rep, T, hd): block partials summed in block order
 
 
 class Attention(nn.Module):
@@ -308,8 +309,8 @@ class Attention(nn.Module):
         rep = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(B, cfg.num_kv_heads, rep * T, cfg.head_dim)  # (B, kvh, rep*T, hd)
         if plan is not None:
-            o = attend_by_position(q, k_cache, v_cache, end, plan).to(x.dtype)  # (B, kvh, hd, rep, T)
-            return self.o_proj(o.permute(0, 4, 1, 3, 2).reshape(B, T, cfg.num_heads * cfg.head_dim))
+            o = attend_by_position(q, k_cache, v_cache, end, plan).to(x.dtype)  # (B, kvh, rep, T, hd)
+            return self.o_proj(o.permute(0, 3, 1, 2, 4).reshape(B, T, cfg.num_heads * cfg.head_dim))
         if mask is not None and rep > 1:
             S = mask.shape[-1]
             mask = mask[:, :, None].expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S)
@@ -413,9 +414,10 @@ class LlamaModel(nn.Module):
         cos = self.rope_cos[positions].to(x.dtype)[:, None]  # (B, 1, T, hd)
         sin = self.rope_sin[positions].to(x.dtype)[:, None]
         full_mask: torch.Tensor | None = None  # None with T == 1: the row sees the whole cache
-        # CPU bf16/fp16: every layer reads the cache through one plan, row-invariant (see PositionPlan)
+        # CPU bf16: every layer reads the cache through one plan, row-invariant (see PositionPlan). Not for a
+        # prefill (hidden_only): every method prefills the same prompt the same way, and SDPA is faster there
         rep = self.cfg.num_heads // self.cfg.num_kv_heads
-        plan = position_plan(positions, mask, start, rep) if row_invariant(x, B * T) else None
+        plan = position_plan(positions, mask, start, rep) if row_invariant(x, B * T) and not hidden_only else None
         if plan is None and T > 1:
             if mask is None:
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril_()[None].expand(B, T, T)
