@@ -250,7 +250,7 @@ def attend_by_position(
     s = torch.cat((scores[..., :P0], scores.gather(-1, idx.clamp(max=end - 1))), -1)  # (B, kvh, R, P0+L) by position
     p = torch.softmax(torch.add(plan.bias, s, alpha=scale), -1).to(q.dtype)
     nbp, nbt = P0 // G, L // G
-    vt = torch.stack([v_cache[b][:, plan.slots[b].reshape(-1)] for b in range(B)])  # (B, kvh, T*L, hd) by position
+    vt = torch.stack([v_cache[b].index_select(1, plan.slots[b].reshape(-1)) for b in range(B)])  # (B, kvh, T*L, hd) by position
     pt = p[..., P0:].reshape(B, kvh, rep, T, nbt, G).permute(0, 1, 3, 4, 2, 5)  # (B, kvh, T, nbt, rep, G)
     o = (pt @ vt.reshape(B, kvh, T, nbt, G, hd)).permute(0, 1, 3, 4, 2, 5)  # (B, kvh, nbt, rep, T, hd)
     if nbp:
