@@ -289,17 +289,24 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         nq, nkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         fused = _fused_or_none(self.qkv, (self.q_proj, self.k_proj, self.v_proj), x)
-        if fused is not None:
-            q_, k_, v_ = narrow_product(x, fused).split((nq, nkv, nkv), -1)
+        if fused is not None and not cfg.qk_norm:
+            # one product, and RoPE on q and k at once (elementwise: the same numbers as one by one)
+            qkv = narrow_product(x, fused)  # (B, T, nq + 2·nkv)
+            qk = qkv[..., : nq + nkv].reshape(B, T, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
+            c, s_ = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, hd)
+            qk = qk * c + _rotate_half(qk) * s_
+            q = qk[:, :, : cfg.num_heads].transpose(1, 2)  # (B, h, T, hd)
+            k = qk[:, :, cfg.num_heads :].transpose(1, 2)  # (B, kvh, T, hd)
+            v = qkv[..., nq + nkv :].reshape(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, kvh, T, hd)
         else:
             q_, k_, v_ = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q_.view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, h, T, hd)
-        k = k_.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, kvh, T, hd)
-        v = v_.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, kvh, T, hd)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+            q = q_.view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, h, T, hd)
+            k = k_.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, kvh, T, hd)
+            v = v_.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, kvh, T, hd)
+            if cfg.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
         end = start + T
         k_cache[:, :, start:end] = k
         v_cache[:, :, start:end] = v
