@@ -12,10 +12,12 @@ How a forward becomes static:
   chunks 128 … 2048). Padded rows read token 0 at position 0 and write their K/V to a scratch slot past the
   end of the cache, which no real row ever attends to and nothing ever keeps.
 - Attention covers the cache in use, never the whole preallocated cache: the fused decode kernels read
-  `start` on the device and stop there; the torch path reads up to a span bucket (a power of two >= 256
-  covering start + T) with an additive bias that hides the rows past the end.
-- Static inputs: token ids, positions, write slots and (for trees) the mask live in one device buffer,
-  filled by one host-to-device copy per forward; the K/V rows are written with `index_copy_` at the slots.
+  each row's position on the device and stop there (a row reads its keys in position order, a tree row its
+  ancestors through the `anc` table: row-invariant); the torch path reads up to a span bucket (a power of
+  two >= 256 covering start + T) with an additive bias that hides the rows past the end.
+- Static inputs: token ids, positions, write slots and (for trees) the mask and each row's ancestor slots
+  by depth live in one device buffer, filled by one host-to-device copy per forward; the K/V rows are
+  written with `index_copy_` at the slots.
 - One KV storage per runner: `new_target_cache` hands out a `KVCache` over it, so the captured graphs keep
   pointing at the same memory from one generation to the next. `new_cache` (what drafters call for caches
   of their own) gives a separate plain cache, and forwards into it run the model without graphs.
@@ -59,6 +61,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
 WIDTHS = (1, 2, 4, 8, 16, 32, 64)  # verify / AR forwards, padded up to one of these
 PREFILL_WIDTHS = (128, 256, 512, 1024, 2048)  # prefill chunks; longer prompts run in several chunks
 MIN_SPAN = 256  # the smallest cache span attention reads; spans are powers of two from here
+MAX_ATTN_SPLITS = 64  # splits of the fused attention (longer contexts get longer splits, never more)
 
 
 # How each fused linear launches (triton_kernels.fused_linear): columns per program, K chunk, tensor cores or
@@ -458,7 +461,9 @@ class GraphRunner:
                     or (depth[jj] > depth[tt]).any() or not np.array_equal(seen_depths, depth * (depth + 1) // 2)):
                 raise ValueError("a forward's rows must be tree paths: each row sees one new row per position up to its own")
             anc[tt, depth[jj]] = start + jj
-            anc[T:, 0] = self._cap
+            if (anc[np.arange(Tb)[:T, None], np.minimum(np.arange(Tb)[None, :], depth[:, None])] < 0).any():
+                raise ValueError("a forward's rows must be tree paths: each row sees one new row per position up to its own")
+            anc[T:, 0] = self._cap  # padded rows (position 0): their own scratch row when start is 0, else slot 0
             n += Tb * Tb
         self._ints[:n].copy_(self._host[:n], non_blocking=True)
         if self._copied is not None:
@@ -482,6 +487,14 @@ class GraphRunner:
         else:
             logits, hidden, self._argmax = g.run()
         return (None if logits is None else logits[:T]), hidden[:T]
+
+    def _attn_splits(self) -> tuple[int, int]:
+        """(splits, positions per split) of the fused attention: a power of two, at most MAX_ATTN_SPLITS, covering
+        the context — fixed per runner, never per width or per forward, so a row's splits never change."""
+        ns = min(MAX_ATTN_SPLITS, 1 << (-(-self._cap // self.attn_share) - 1).bit_length())
+        bs = self.attn_block_s
+        per_split = -(-self._cap // ns)
+        return ns, max(self.attn_share, -(-per_split // bs) * bs)
 
     def _fused(self, Tb: int) -> bool:
         return self.kernels == "triton" and Tb <= min(WIDTHS[-1], self.triton_max_width)
@@ -532,7 +545,7 @@ class GraphRunner:
         o = torch.empty(Tb, h * hd, dtype=x.dtype, device=x.device)
         mid = torch.empty(Tb, cfg.intermediate_size, dtype=x.dtype, device=x.device)
         anc = None if causal else ints[3 * Tb + Tb * Tb : 3 * Tb + 2 * Tb * Tb]
-        ns = 1 << (-(-self._cap // self.attn_share) - 1).bit_length()  # splits of the positions, a power of two: fixed per runner
+        ns, share = self._attn_splits()
         f32 = dict(dtype=torch.float32, device=x.device)
         partials = (torch.empty(ns, Tb * h, hd, **f32), torch.empty(ns, Tb * h, **f32), torch.empty(ns, Tb * h, **f32))
         lin = {kind: self._linear(kind) for kind in LINEARS}
@@ -542,7 +555,7 @@ class GraphRunner:
             kc, vc = k_all[j, 0], v_all[j, 0]  # (kvh, cap+1, hd)
             rope = (m.rope_cos, m.rope_sin, pos, slots, kc, vc, h, kvh, hd)
             tk.fused_linear(x, self._w_qkv_n[li], q, tk.ROPE, norm_eps=cfg.rms_eps, rope=rope, **lin["qkv"])
-            tk.attention(q, kc, vc, o, pos, slots, anc, partials, self.attn_share, block_s=self.attn_block_s)
+            tk.attention(q, kc, vc, o, pos, slots, anc, partials, share, block_s=self.attn_block_s)
             tk.fused_linear(o, block.self_attn.o_proj.weight, x, tk.RESIDUAL, res=x, **lin["o"])
             tk.fused_linear(x, self._w_gu_n[li], mid, tk.SILU, norm_eps=cfg.rms_eps, **lin["gu"])
             tk.fused_linear(mid, block.mlp.down_proj.weight, x, tk.RESIDUAL, res=x, **lin["down"])

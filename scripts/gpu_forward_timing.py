@@ -72,9 +72,9 @@ def kernel_profile(fn) -> dict:
 
 def time_variant(model: LlamaModel, ids: torch.Tensor, variant: str, with_engine: bool, res: dict, lines: list[str]) -> None:
     """One runner configuration: prefill, every decode width (graph replay and the whole call), kernels, the engine."""
-    kernels, splits, block, *tuning = variant.split(":")
+    kernels, share, block, *tuning = variant.split(":")
     tag = variant
-    os.environ.update(FASTDECODE_ATTN_SPLITS=splits, FASTDECODE_ATTN_BLOCK=block)
+    os.environ.update(FASTDECODE_ATTN_SHARE=share, FASTDECODE_ATTN_BLOCK=block)
     os.environ["FASTDECODE_TUNING"] = "" if not tuning or tuning[0] == "default" else tuning[0]
     t0 = time.perf_counter()
     runner = GraphRunner(model, kernels=kernels)
@@ -140,8 +140,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default=None, help="a GGUF (default: random weights of SmolLM2-135M's shape)")
-    ap.add_argument("--variants", default="triton:32:32,triton:16:64,torch:0:0",
-                    help="runner variants: kernels:attention-splits:attention-block-s[:tuning] (kernels: triton = fused "
+    ap.add_argument("--variants", default="triton:128:32,triton:256:64,torch:128:32",
+                    help="runner variants: kernels:attention-share:attention-block-s[:tuning] (kernels: triton = fused "
                          "decode kernels, torch = compiled torch; tuning: default, or a JSON file for FASTDECODE_TUNING)")
     args = ap.parse_args()
     if args.model:

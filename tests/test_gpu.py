@@ -258,7 +258,7 @@ def test_narrow_linears_row_invariant(dot: bool) -> None:
     a = torch.randn(64, K, device="cuda", dtype=bf, generator=g)
     w = torch.randn(2 * N, K, device="cuda", dtype=bf, generator=g) * 0.05
     wq = torch.randn((nq + 2 * nkv) * hd, K, device="cuda", dtype=bf, generator=g) * 0.05
-    cos, sin = torch.randn(64, hd, device="cuda"), torch.randn(64, hd, device="cuda")
+    cos, sin = torch.randn(80, hd, device="cuda"), torch.randn(80, hd, device="cuda")  # positions up to 66
     pos = torch.arange(64, device="cuda") + 3
 
     def run(rows: slice) -> list[torch.Tensor]:

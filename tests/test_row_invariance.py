@@ -152,3 +152,21 @@ def test_plan_refuses_rows_that_are_not_tree_paths() -> None:
     plan = position_plan(pos, tree, 10, rep=3)
     assert plan is not None and not plan.chain and plan.prefix == 0
     assert plan.slots[0, 2, 10:12].tolist() == [10, 12]  # row 2 reads position 11 from its own slot
+
+
+@NATIVE_BF16
+def test_decoding_to_the_last_slot_of_a_cache_of_any_length(model: LlamaModel) -> None:
+    """A cache whose length is no multiple of the attention block (a capped context, a caller's own cache):
+    steps and trees run to its very last slot, and a 3-row chain there equals its 1-row steps."""
+    ids = torch.randint(0, SMOLLM2_SHAPES.vocab_size, (1, 100), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        cache = _prefill(model, ids, 97, 100, whole_blocks=False)
+        assert cache.max_len == 100  # type: ignore[attr-defined]
+        ref = _ar_rows(model, cache, ids[:, 97:], [97, 98, 99])  # to the last slot
+        cache.truncate(97)  # type: ignore[attr-defined]
+        logits, _ = model(ids[:, 97:], torch.arange(97, 100)[None], cache)
+        assert all(torch.equal(logits[0, j], ref[j]) for j in range(3))
+        cache.truncate(97)  # type: ignore[attr-defined]
+        tree = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 0, 1]]], dtype=torch.bool)  # two children of the pending row
+        logits, _ = model(ids[:, 97:], torch.tensor([[97, 98, 98]]), cache, tree)
+        assert torch.equal(logits[0, 1], ref[1])

@@ -88,8 +88,8 @@ class Linear(nn.Linear):
     differently from a 1-row one, and in fp32 every width differs from a 1-row GEMV. Computing
     `(W @ x.T).T` instead keeps W as the left operand, whose shape never changes: measured on this
     project's AVX-512-BF16 CPU, bf16 rows then come out bit-identical for every width 1..64 (oneDNN),
-    and cost what a 1-row product does up to ~16 rows. So in bf16/fp16 every decode forward (<= 256 rows)
-    runs it for every width, one included, in chunks of 64 rows. In fp32 (CPUs without fast bf16) no
+    and cost what a 1-row product does up to ~16 rows. So in bf16 every forward of at most 256 rows runs it
+    for every width, one included, in chunks of 64 rows (fp16 on a CPU rounds by width here too). In fp32 (CPUs without fast bf16) no
     library kernel is row-invariant at an acceptable cost (see docs/design.md); the narrow product still
     makes 2..64 rows cost about one row there (fp32, 2 cores: 4 rows = 1 row, 16 rows = 1.45x).
     Prefill (longer inputs) keeps the ordinary kernel: its rows are shared by every method.
@@ -130,8 +130,11 @@ def _fused_or_none(fused: torch.Tensor | None, linears: Sequence[Linear], x: tor
     """`fused` if it still holds the linears' weights (not moved or replaced since) and x takes the narrow path."""
     if fused is None or not row_invariant(x, x.numel() // x.shape[-1]) or fused.dtype != x.dtype:
         return None
-    if linears[0].weight.data_ptr() != fused.data_ptr():
-        return None
+    row = 0
+    for lin in linears:  # every weight still a view of `fused`, where fuse() put it
+        if lin.weight.data_ptr() != fused[row].data_ptr():
+            return None
+        row += lin.out_features
     return fused
 
 
@@ -208,6 +211,7 @@ def position_plan(positions: torch.Tensor, mask: torch.Tensor | None, start: int
     seen = slots < start
     slots[:, :, c : c + depth + 1] = torch.where(seen_new, new, 0)  # ... except for the tree part
     seen[:, :, c : c + depth + 1] = seen_new
+    slots = torch.where(seen, slots, 0)  # unseen positions (past a row's own, or past the cache) read slot 0, weight 0
     chain = bool((torch.where(seen_new, new, start + steps) == start + steps).all())
     bias = torch.zeros(B, 1, rep, T, prefix + L, device=dev)
     bias[..., prefix:].masked_fill_(~seen[:, None, None], float("-inf"))
@@ -226,24 +230,23 @@ def attend_by_position(
 
     Scores: one product `keys @ q.T` over cache slots (a score depends only on its key and its query),
     read in position order. Softmax over the position-ordered row in fp32 (unseen positions add exact
-    zeros). Values: `P_block @ V_block` per block (G x 64 on the right whatever the width), summed in block
-    order. A chain (the 1-row step, prompt lookup) reads the whole cache as it lies (no copies: blocks past
-    the row's position add zeros); a tree gathers each row's tail blocks, whose products then equal the
-    chain's bit for bit.
+    zeros). Values: `P_block @ V_block` per block (G x head_dim on the right whatever the width), summed in
+    block order. A chain (the 1-row step, prompt lookup) reads the cache's blocks as they lie (blocks past a
+    row's position add zeros); a tree gathers each row's tail blocks, whose products then equal the chain's
+    bit for bit.
     """
     B, kvh, R, hd = q.shape
     _, T, L = plan.slots.shape
     rep = R // T
     G, P0 = ATTN_BLOCK, plan.prefix
     scale = hd**-0.5
-    S = k_cache.shape[2]
-    if plan.chain and S % G == 0 and S >= P0 + L:
-        # slot = position for every seen key: every block straight from the cache, shared by every row
-        bias = plan.bias if S == P0 + L else torch.cat((plan.bias, plan.bias.new_full((B, 1, R, S - P0 - L), float("-inf"))), -1)
-        scores = k_cache @ q.transpose(-1, -2)  # (B, kvh, S, R)
-        p = torch.softmax(torch.add(bias, scores.transpose(-1, -2), alpha=scale), -1).to(q.dtype)  # (B, kvh, R, S)
-        pb = p.reshape(B, kvh, R, S // G, G).transpose(2, 3)  # (B, kvh, nb, R, G)
-        o = pb @ v_cache.reshape(B, kvh, S // G, G, hd)  # (B, kvh, nb, R, hd)
+    E = P0 + L  # positions covered, whole blocks
+    if plan.chain and E <= k_cache.shape[2]:
+        # slot = position for every seen key: the blocks straight from the cache, shared by every row
+        scores = k_cache[:, :, :E] @ q.transpose(-1, -2)  # (B, kvh, E, R)
+        p = torch.softmax(torch.add(plan.bias, scores.transpose(-1, -2), alpha=scale), -1).to(q.dtype)  # (B, kvh, R, E)
+        pb = p.reshape(B, kvh, R, E // G, G).transpose(2, 3)  # (B, kvh, nb, R, G)
+        o = pb @ v_cache[:, :, :E].reshape(B, kvh, E // G, G, hd)  # (B, kvh, nb, R, hd)
         return o.sum(2, dtype=torch.float32).reshape(B, kvh, rep, T, hd)
     scores = (k_cache[:, :, :end] @ q.transpose(-1, -2)).transpose(-1, -2)  # (B, kvh, R, end)
     idx = plan.slots[:, None, None].expand(B, kvh, rep, T, L).reshape(B, kvh, R, L)
@@ -283,7 +286,7 @@ class Attention(nn.Module):
         v_cache: torch.Tensor,
         start: int,  # first free cache slot: the new rows are written at start .. start+T-1
         mask: torch.Tensor | None,  # (B, 1, T, start+T) bool, or None for "attend to everything"
-        plan: PositionPlan | None = None,  # the row-invariant path (CPU, bf16/fp16); then `mask` is unused
+        plan: PositionPlan | None = None,  # the row-invariant path (CPU, bf16); then `mask` is unused
     ) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
