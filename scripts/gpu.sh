@@ -39,11 +39,11 @@ for stage in $stages; do
              for compile in 0 1; do
                cache="/tmp/fd-firstrun-$compile"; rm -rf "$cache"
                for run in cold warm warm2; do
-                 t0=$(date +%s.%N)
+                 t0=$(date +%s%N)
                  FASTDECODE_CACHE=$cache FASTDECODE_COMPILE=$compile "$py" -m fastdecode generate --model "$model" --method ${FR_METHOD:-pld} \
                    --max-new-tokens 128 "Summarize the plot of Hamlet in three sentences." > "$out/firstrun.txt" 2> "$out/firstrun.err" || status=1
-                 t1=$(date +%s.%N)
-                 echo "compile=$compile $run: process $(echo "$t1 - $t0" | bc) s; $(tail -1 "$out/firstrun.err")" | tee -a "$out/firstrun.log"
+                 t1=$(date +%s%N)
+                 echo "compile=$compile $run: process $(( (t1 - t0) / 1000000 )) ms; $(tail -1 "$out/firstrun.err")" | tee -a "$out/firstrun.log"
                done
              done
              head -c 300 "$out/firstrun.txt"; echo ;;

@@ -330,7 +330,7 @@ def test_runner_rows_bitwise_equal_the_1_row_step(prefix: int) -> None:
             mask = tree_mask(parents)
             lg, _ = runner(rows, torch.tensor([[prefix, *(prefix + d for d in depth)]]), cache, None if mask is None else mask[None])
             tree = lg[0].clone()
-            for j in rng.sample(range(n), 6):
+            for j in rng.sample(range(n), min(n, 6)):
                 path = [j]
                 while parents[path[-1]] >= 0:
                     path.append(parents[path[-1]])
