@@ -88,10 +88,11 @@ class Linear(nn.Linear):
     differently from a 1-row one, and in fp32 every width differs from a 1-row GEMV. Computing
     `(W @ x.T).T` instead keeps W as the left operand, whose shape never changes: measured on this
     project's AVX-512-BF16 CPU, bf16 rows then come out bit-identical for every width 1..64 (oneDNN),
-    and cost what a 1-row product does up to ~16 rows. So in bf16 every forward of at most 256 rows runs it
-    for every width, one included, in chunks of 64 rows (fp16 on a CPU rounds by width here too). In fp32 (CPUs without fast bf16) no
-    library kernel is row-invariant at an acceptable cost (see docs/design.md); the narrow product still
-    makes 2..64 rows cost about one row there (fp32, 2 cores: 4 rows = 1 row, 16 rows = 1.45x).
+    and cost what a 1-row product does up to ~16 rows. So in bf16 every forward of at most 256 rows runs
+    it for every width, one included, in chunks of 64 rows (fp16 on a CPU rounds by width here too). In
+    fp32 (CPUs without fast bf16) no library kernel is row-invariant at an acceptable cost (see
+    docs/design.md); the narrow product still makes 2..64 rows cost about one row there (fp32, 2 cores:
+    4 rows = 1 row, 16 rows = 1.45x), and one row keeps the GEMV.
     Prefill (longer inputs) keeps the ordinary kernel: its rows are shared by every method.
     """
 
@@ -101,12 +102,9 @@ class Linear(nn.Linear):
         rows = x.numel() // x.shape[-1]
         if x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
-        if row_invariant(x, rows):
-            y = narrow_product(x, self.weight)
-        elif 1 < rows <= self.NARROW:
-            y = (self.weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], -1)  # (..., out)
-        else:
+        if not (row_invariant(x, rows) or 1 < rows <= self.NARROW):
             return F.linear(x, self.weight, self.bias)
+        y = narrow_product(x, self.weight)
         return y if self.bias is None else y + self.bias
 
 
