@@ -451,17 +451,16 @@ class GraphRunner:
             m[:T, :T] = mask.reshape(T, T).to("cpu", torch.int64).numpy()
             n += Tb * Tb
             # each row's keys in position order (the fused attention): anc[t, d] = slot of the row that row t
-            # sees at position start + d; padded rows see their own scratch row
+            # sees at position start + d. A tree path: row t sees depth[t] + 1 rows and they fill depths 0..depth[t]
             anc = h[n : n + Tb * Tb].reshape(Tb, Tb)
             anc[:] = -1
             depth = h[Tb : Tb + T] - start
             tt, jj = np.nonzero(m[:T, :T])
-            seen_depths = np.bincount(tt, weights=depth[jj], minlength=T) if T else depth
-            if (depth.min() < 0 or depth.max() >= Tb or not np.array_equal(np.bincount(tt, minlength=T), depth + 1)
-                    or (depth[jj] > depth[tt]).any() or not np.array_equal(seen_depths, depth * (depth + 1) // 2)):
-                raise ValueError("a forward's rows must be tree paths: each row sees one new row per position up to its own")
-            anc[tt, depth[jj]] = start + jj
-            if (anc[np.arange(Tb)[:T, None], np.minimum(np.arange(Tb)[None, :], depth[:, None])] < 0).any():
+            path = depth.min() >= 0 and depth.max() < Tb and np.array_equal(np.bincount(tt, minlength=T), depth + 1)
+            if path:
+                anc[tt, depth[jj]] = start + jj
+                path = not (anc[np.arange(T)[:, None], np.minimum(np.arange(Tb)[None, :], depth[:, None])] < 0).any()
+            if not path:
                 raise ValueError("a forward's rows must be tree paths: each row sees one new row per position up to its own")
             anc[T:, 0] = self._cap  # padded rows (position 0): their own scratch row when start is 0, else slot 0
             n += Tb * Tb
