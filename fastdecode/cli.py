@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--method", default=DEFAULT_METHOD)
     d.add_argument("--max-new-tokens", type=int, default=128)
 
+    from fastdecode.train.cli import add_train_parser
+
+    add_train_parser(sub, _add_model_args)
     try:
         from fastdecode.bench.cli import add_bench_parser
     except ImportError:

@@ -249,7 +249,9 @@ class Engine:
                     if choice is None:
                         row_pos_t = pos[0, : 1 + m] if params.greedy else pos[0, : 1 + m].to(logits.device)  # greedy ignores them
                         choice = choose_tokens(logits[: 1 + m], row_pos_t, params).tolist()
-                    verdict = verify_match(proposal, choice)
+                    # a lossy method may accept by its own rule (verify.py); every other verdict is lossless
+                    verdict = None if drafter.lossless else drafter.verdict(proposal, logits[: 1 + m], choice, params)
+                    verdict = verdict or verify_match(proposal, choice)
                 else:
                     verdict = verify_rejection(proposal, target_probs(logits[: 1 + m], params), generator)
             _sync(dev)
@@ -293,3 +295,43 @@ class Engine:
             if emitted:
                 yield emitted
         stats.finish_reason = stopper.reason or ""
+
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, eos_ids: frozenset[int] = frozenset()) -> list[list[int]]:
+        """Greedy answers to several prompts at once: left-padded into one batch, one forward per step for all.
+
+        For throughput (training data), not for serving exactness: a row of a B-row forward may round
+        differently from the 1-row step, so an answer can differ from `ar`'s batch-1 answer at a numeric
+        tie. Each answer ends at its first EOS (included) or after `max_new_tokens` tokens.
+        """
+        if not prompts:
+            return []
+        for p in prompts:
+            self.check_request(len(p), max_new_tokens)
+        model = getattr(self.model, "eager_model", self.model)  # batches run the model itself, not graphs
+        dev = model.device
+        B, L = len(prompts), max(len(p) for p in prompts)
+        pad = torch.tensor([L - len(p) for p in prompts])
+        ids = torch.zeros(B, L, dtype=torch.long)
+        visible = torch.ones(B, L + max_new_tokens, dtype=torch.bool)
+        for b, p in enumerate(prompts):
+            ids[b, int(pad[b]) :] = torch.tensor(p)
+            visible[b, : int(pad[b])] = False
+        positions = (torch.arange(L)[None] - pad[:, None]).clamp_min(0)
+        visible = visible.to(dev)
+        cache = model.new_cache(batch=B, length=L + max_new_tokens)
+        out: list[list[int]] = [[] for _ in prompts]
+        done = [False] * B
+        with torch.inference_mode():
+            logits, _ = model(ids.to(dev), positions.to(dev), cache, num_logits=1, key_mask=visible[:, :L])
+            nxt = logits[:, -1].argmax(-1)
+            lengths = torch.tensor([len(p) for p in prompts], device=dev)
+            for step in range(max_new_tokens):
+                for b, t in enumerate(nxt.tolist()):
+                    if not done[b]:
+                        out[b].append(int(t))
+                        done[b] = int(t) in eos_ids
+                if all(done) or step == max_new_tokens - 1:
+                    break
+                logits, _ = model(nxt[:, None], (lengths + step)[:, None], cache, num_logits=1, key_mask=visible[:, : L + step + 1])
+                nxt = logits[:, -1].argmax(-1)
+        return out

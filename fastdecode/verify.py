@@ -13,6 +13,10 @@ Two rules:
   draft distribution q_i is accepted with probability min(1, p(x) / q_i(x)); on rejection the target's
   distribution becomes the residual p <- norm(max(0, p - q_i)). A node without q is a point mass at its
   token. When every child is rejected the bonus token is drawn from the final residual.
+
+One lossy rule, for methods that say they are lossy (`fastdecode methods`):
+- `verify_tolerant` (BiLD's rollback): a draft token the target would not have chosen is still accepted
+  when its negative log-likelihood under the target is at most `max_nll`.
 """
 
 from __future__ import annotations
@@ -85,3 +89,23 @@ def verify_rejection(
             return Verdict(path, [proposal.tokens[j] for j in path], bonus)
         path.append(accepted)
         node, row = accepted, accepted + 1
+
+
+def verify_tolerant(proposal: Proposal, target_tokens: list[int], target_logprobs: torch.Tensor, max_nll: float) -> Verdict:
+    """Lossy (BiLD's rollback policy). Walk the tree as `verify_match` does, but accept a child whose token x is
+    not the target's choice when -log p(x) <= max_nll under the target's row (`target_logprobs`, (1+m, V));
+    at the first node with no acceptable child the target's own token is the bonus. With max_nll < 0 this is
+    `verify_match`."""
+    kids = _children(proposal.parents)
+    path: list[int] = []
+    node, row = -1, 0
+    while True:
+        want = target_tokens[row]
+        children = kids.get(node, ())
+        nxt = next((c for c in children if proposal.tokens[c] == want), None)
+        if nxt is None and max_nll >= 0:
+            nxt = next((c for c in children if -float(target_logprobs[row, proposal.tokens[c]]) <= max_nll), None)
+        if nxt is None:
+            return Verdict(path, [proposal.tokens[j] for j in path], int(want))
+        path.append(nxt)
+        node, row = nxt, nxt + 1

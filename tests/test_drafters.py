@@ -249,7 +249,8 @@ def test_layerskip_never_touches_the_engine_cache(tiny_model: Any) -> None:
     drafter = make_drafter("layerskip", layers=(0,), min_confidence=0.0, adaptive=False)
     out, stats = run_engine(tiny_model, tiny_prompt(0), "layerskip", SamplingParams(), 20, engine=engine, drafter=drafter)
     assert stats.draft_forwards > 0
-    assert drafter.cache is not engine.cache and drafter.cache.k.shape[0] == 1  # type: ignore[attr-defined]
+    cache = drafter.state.cache  # type: ignore[attr-defined]
+    assert cache is not engine.cache and cache.k.shape[0] == 1
 
 
 # ------------------------------------------------------------------ auto

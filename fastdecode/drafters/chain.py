@@ -1,0 +1,99 @@
+"""Drafting a chain with a model of the drafter's own (a layer subset of the target, or a draft model).
+
+The drafter keeps a KV cache of its own and `fed`, the tokens whose rows it holds (slot i = position i).
+Each step it keeps the rows of the longest prefix its tokens share with the committed ones (never the
+pending token's: its logits start the draft), feeds the rest in one forward, then drafts autoregressively:
+greedy by argmax, the Gumbel sampler by the same (seed, position) noise the target uses, the rejection
+sampler by drawing from its own distribution (returned as `draft_probs`). Rows of drafted tokens stay in
+the cache; the next step keeps those the verifier accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fastdecode.drafters.base import DraftContext, Proposal
+from fastdecode.sampling import choose_tokens, target_probs
+
+
+@dataclass
+class ChainState:
+    cache: Any = None
+    fed: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None  # the rejection sampler's draws, seeded from the request's seed
+
+    def reset(self) -> None:
+        self.fed = []
+        self.generator = None
+        if self.cache is not None:
+            self.cache.truncate(0)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def draft_chain(
+    model: Any,  # a LlamaModel or a GraphRunner
+    state: ChainState,
+    ctx: DraftContext,
+    k: int,
+    layers: list[int] | None = None,
+    min_confidence: float = 0.0,  # stop after a token whose draft probability (top-1) is below this
+    keep_unconfident: bool = True,  # propose that last, unconfident token (False: the target makes it; BiLD's fallback)
+    new_cache: Any = None,  # () -> KVCache: the drafter's cache (default: model.new_cache of the target cache's size)
+) -> Proposal:
+    if state.cache is None or state.cache.max_len < ctx.target.cache.max_len:
+        n_layers = None if layers is None else len(layers)
+        state.cache = new_cache() if new_cache else model.new_cache(batch=1, length=ctx.target.cache.max_len, layers=n_layers)
+        state.fed = []
+    cache = state.cache
+    n = len(ctx.tokens)
+    keep = min(_common_prefix(state.fed, ctx.tokens), n - 1, cache.length)
+    cache.truncate(keep)
+    del state.fed[keep:]
+    feed = ctx.tokens[keep:]
+    pos = list(range(keep, n))
+    sampling = not ctx.params.greedy and ctx.params.sampler == "rejection"
+    if sampling and state.generator is None:
+        state.generator = torch.Generator().manual_seed((ctx.params.seed * 0x9E3779B1 + 0x1A7E5) & 0xFFFFFFFFFFFF)
+    greedy_tokens = getattr(model, "greedy_tokens", None) if ctx.params.greedy else None
+    in_dev = getattr(model, "input_device", model.device)
+    drafts: list[int] = []
+    qs: list[torch.Tensor] = []
+    forwards = 0
+    for _ in range(k):
+        if cache.length + len(feed) > cache.max_len:
+            break
+        ids = torch.tensor([feed], device=in_dev)
+        positions = torch.tensor([pos], device=in_dev)
+        logits, _ = model(ids, positions, cache, num_logits=1, layers=layers)
+        state.fed.extend(feed)
+        forwards += 1
+        row = logits[0, -1]  # the draft's distribution for position pos[-1] + 1
+        q = None
+        if sampling:
+            q = target_probs(row, ctx.params)
+            tok = int(torch.multinomial(q.cpu(), 1, generator=state.generator))
+        else:
+            choice = greedy_tokens(len(feed)) if greedy_tokens is not None else None
+            tok = int(choice[-1]) if choice else int(choose_tokens(row, positions[0, -1].to(row.device), ctx.params))
+        confident = True
+        if min_confidence > 0:
+            confident = float(torch.softmax(row.float(), -1).max()) >= min_confidence
+        if not confident and not keep_unconfident:
+            break
+        drafts.append(tok)
+        if q is not None:
+            qs.append(q)
+        if not confident:
+            break
+        feed, pos = [tok], [pos[-1] + 1]
+    return Proposal.chain(drafts, torch.stack(qs) if qs else None, draft_forwards=forwards)

@@ -1,0 +1,100 @@
+"""`sps`: speculative sampling with a draft model (Leviathan et al. 2023; Chen et al. 2023).
+
+A small draft model (models/draft.py: a few layers sharing the target's embedding and LM head, trained by
+`fastdecode train draft`) drafts a chain autoregressively into a KV cache of its own, which keeps the rows
+the verifier accepted (drafters/chain.py). Greedy and the Gumbel sampler verify by matching; the
+rejection sampler by speculative sampling with the draft's probabilities: lossless either way. The draft
+length adapts to acceptance and step time (`adaptive`). On a GPU the draft's forwards replay CUDA graphs
+of their own, as the target's do.
+
+`draft=PATH` names the artifact; by default the draft shipped for the embedded model is used when the
+target is that model, and any other target needs one (`fastdecode train draft`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastdecode.drafters.base import DraftContext, Drafter, Proposal, register
+from fastdecode.drafters.chain import ChainState, draft_chain
+
+_LOADED: dict[tuple[int, str], Any] = {}  # (id of the target model, draft path) -> the draft's runner or model
+
+
+def resolve_draft(target: Any, path: str) -> Path:
+    """The artifact to use: `path`, or the shipped draft whose target this model is."""
+    from fastdecode.models.draft import EMBEDDED_DRAFTS, WEIGHTS, read_manifest, same_target
+
+    if path:
+        return Path(path).expanduser()
+    eager = getattr(target, "eager_model", target)
+    for folder in EMBEDDED_DRAFTS.values():
+        if (folder / WEIGHTS).is_file() and same_target(read_manifest(folder).get("target", {}), eager) is None:
+            return folder
+    raise ValueError("no draft model ships for this target: train one with `fastdecode train draft` and pass draft=PATH")
+
+
+def draft_model(target: Any, path: str) -> Any:
+    """The draft model for `target` (loaded once per process): a GraphRunner of its own where the target has one."""
+    from fastdecode.models.draft import load_draft
+
+    folder = resolve_draft(target, path)
+    key = (id(target), str(folder.resolve()))
+    if key not in _LOADED:
+        model: Any = load_draft(folder, target)
+        if hasattr(target, "eager_model"):  # the target replays CUDA graphs: so does the draft
+            from fastdecode.cuda_graphs import GraphRunner
+
+            model = GraphRunner(model, verbose=getattr(target, "verbose", None))
+        _LOADED[key] = model
+    return _LOADED[key]
+
+
+@dataclass(frozen=True)
+class SpsOptions:
+    draft: str = ""  # the draft model's folder (default: the one shipped for the embedded model)
+    num_draft: int = 6  # deepest draft
+    adaptive: bool = True
+
+    def validate(self) -> None:
+        if self.num_draft < 1:
+            raise ValueError("sps: num_draft must be >= 1")
+        if self.draft:
+            from fastdecode.models.draft import read_manifest
+
+            read_manifest(Path(self.draft).expanduser())  # a missing or foreign folder fails before any work
+
+
+@register
+class SpeculativeSampling(Drafter):
+    name = "sps"
+    description = "speculative sampling with a trained draft model (fastdecode train draft; one ships for smollm2)"
+    lossless = True
+    Options = SpsOptions
+
+    def __init__(self, options: Any):
+        super().__init__(options)
+        self.state = ChainState()
+
+    def draft_shape(self) -> tuple[int, int]:
+        return self.options.num_draft, 1
+
+    def reset(self, prompt_tokens: list[int]) -> None:
+        self.state.reset()
+
+    def model(self, ctx: DraftContext) -> Any:
+        return draft_model(ctx.target.model, self.options.draft)
+
+    def chain(self, ctx: DraftContext, model: Any, min_confidence: float = 0.0, keep_unconfident: bool = True) -> Proposal:
+        k = min(self.options.num_draft, ctx.max_depth, ctx.max_nodes)
+        if k < 1:
+            return Proposal()
+        # a runner's own cache (its graphs point at it); a plain model's is made to the target cache's size
+        maker = getattr(model, "new_target_cache", None)
+        new_cache = None if maker is None else (lambda: maker(batch=1, length=ctx.target.cache.max_len))
+        return draft_chain(model, self.state, ctx, k, None, min_confidence, keep_unconfident, new_cache)
+
+    def propose(self, ctx: DraftContext) -> Proposal:
+        return self.chain(ctx, self.model(ctx))

@@ -1,0 +1,161 @@
+"""Draft models: a few Llama layers that share the target's tokenizer, token embedding and LM head.
+
+A draft model is the target's architecture with `num_layers` layers (initialised from some of the
+target's) and its own final norm; its embedding and LM head *are* the target's (the same tensors, never
+copied), so an artifact holds only its layers and norm: 2 layers of SmolLM2-135M are 14 MB in bf16.
+
+An artifact is a folder with `draft.safetensors` and `manifest.json` (format, config, the target it was
+trained for, the command, data hash, steps, metrics). `load_draft(path, target)` refuses a draft trained
+for another target (different shapes or a different embedding) with a one-line error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastdecode.models.llama import LlamaModel, ModelConfig, rope_tables
+
+FORMAT = "fastdecode-draft/1"
+WEIGHTS = "draft.safetensors"
+MANIFEST = "manifest.json"
+EMBEDDED_DRAFTS = {"smollm2": Path(__file__).resolve().parent.parent / "drafts" / "smollm2"}  # shipped with the package
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "rope_theta", "arch")
+_SAMPLE = 256  # embedding values recorded to recognise the target
+
+
+def _embed_sample(model: Any) -> list[float]:
+    w = model.embed_tokens.weight.detach()
+    rows = torch.linspace(0, w.shape[0] - 1, 16).long().to(w.device)
+    return [round(float(v), 4) for v in w[rows, : _SAMPLE // 16].float().flatten().cpu()]
+
+
+def target_info(model: Any) -> dict[str, Any]:
+    """What identifies a target for a draft or a dataset: its shapes and a sample of its embedding
+    (dtype-independent: a bf16 and an fp32 load of the same checkpoint give the same record, up to rounding)."""
+    cfg = model.cfg
+    return {"config": {f: getattr(cfg, f) for f in _SHAPE_FIELDS} | {"num_layers": cfg.num_layers}, "embed_sample": _embed_sample(model)}
+
+
+def same_target(info: dict[str, Any], model: Any) -> str | None:
+    """None when `info` (from `target_info`) describes `model`; else why not, in a few words."""
+    cfg = model.cfg
+    want = info.get("config", {})
+    for f in (*_SHAPE_FIELDS, "num_layers"):
+        if want.get(f) != getattr(cfg, f):
+            return f"its target has {f}={want.get(f)!r}, this model {getattr(cfg, f)!r}"
+    a = torch.tensor(info.get("embed_sample", []), dtype=torch.float32)
+    b = torch.tensor(_embed_sample(model), dtype=torch.float32)
+    if a.shape != b.shape:
+        return "its target's embedding sample is missing"
+    scale = float(b.abs().max()) or 1.0
+    if float((a - b).abs().max()) > 0.02 * scale:  # bf16 vs fp32 rounding is ~0.4%; another checkpoint is far off
+        return "its target has a different token embedding (another checkpoint)"
+    return None
+
+
+def draft_config(target_cfg: ModelConfig, num_layers: int) -> ModelConfig:
+    if num_layers < 1:
+        raise ValueError(f"a draft model needs at least 1 layer, got {num_layers}")
+    return dataclasses.replace(target_cfg, num_layers=num_layers, tie_embeddings=True)
+
+
+def _share_target(draft: LlamaModel, target: Any) -> LlamaModel:
+    """Point the draft's embedding and LM head at the target's modules (frozen, never copied)."""
+    draft.embed_tokens = target.embed_tokens
+    draft.lm_head = target.lm_head
+    for p in (draft.embed_tokens.weight, draft.lm_head.weight):
+        p.requires_grad_(False)
+    return draft
+
+
+def init_draft(target: Any, layers: list[int], dtype: torch.dtype = torch.float32) -> LlamaModel:
+    """A trainable draft model: copies of the target's `layers` (in that order) and final norm, in `dtype`;
+    the embedding and LM head are the target's."""
+    target = getattr(target, "eager_model", target)
+    L = target.cfg.num_layers
+    if not layers or any(not 0 <= li < L for li in layers):
+        raise ValueError(f"init layers must be indices of the target's {L} layers, got {layers}")
+    cfg = draft_config(target.cfg, len(layers))
+    with torch.device("meta"):
+        draft = LlamaModel(cfg)
+    state = {}
+    for i, li in enumerate(layers):
+        for name, t in target.layers[li].state_dict().items():
+            state[f"layers.{i}.{name}"] = t.detach().to(dtype=dtype).clone()
+    state["norm.weight"] = target.norm.weight.detach().to(dtype=dtype).clone()
+    draft.load_state_dict(state, strict=False, assign=True)
+    draft.rope_cos, draft.rope_sin = (t.to(target.device) for t in rope_tables(cfg))
+    draft = _share_target(draft, target)
+    return draft.to(target.device)
+
+
+def trainable_state(draft: LlamaModel) -> dict[str, torch.Tensor]:
+    """The draft's own weights (layers and final norm), without the target's shared embedding and LM head."""
+    return {k: v for k, v in draft.state_dict().items() if k.startswith(("layers.", "norm."))}
+
+
+def save_draft(draft: LlamaModel, out: Path, manifest: dict[str, Any], dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write the artifact folder: the draft's own weights in `dtype` and the manifest (format and config added)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(dtype=dtype, device="cpu").contiguous() for k, v in trainable_state(draft).items()}
+    save_file(state, str(out / WEIGHTS))
+    manifest = {"format": FORMAT, "num_layers": draft.cfg.num_layers, **manifest}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return out
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise FileNotFoundError(f"draft model {path} does not exist (a folder with {WEIGHTS} and {MANIFEST})")
+    for f in (WEIGHTS, MANIFEST):
+        if not (path / f).is_file():
+            raise FileNotFoundError(f"draft model folder {path} has no {f}")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except ValueError as e:
+        raise ValueError(f"draft model {path}: {MANIFEST} is not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"draft model {path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def default_draft(target_name: str | None) -> Path | None:
+    """The draft shipped for an embedded model, if there is one."""
+    path = EMBEDDED_DRAFTS.get(target_name or "")
+    return path if path is not None and (path / WEIGHTS).is_file() else None
+
+
+def load_draft(path: str | Path, target: Any) -> LlamaModel:
+    """The draft model at `path` on the target's device and dtype, sharing its embedding and LM head."""
+    from safetensors.torch import load_file
+
+    path = Path(path).expanduser()
+    manifest = read_manifest(path)
+    eager = getattr(target, "eager_model", target)
+    why = same_target(manifest.get("target", {}), eager)
+    if why is not None:
+        raise ValueError(f"draft model {path} was trained for another target: {why}")
+    cfg = draft_config(eager.cfg, int(manifest["num_layers"]))
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except Exception as e:
+        raise ValueError(f"draft model {path}: {WEIGHTS} is not a valid safetensors file ({e})") from None
+    with torch.device("meta"):
+        draft = LlamaModel(cfg)
+    state = {k: v.to(device=eager.device, dtype=eager.dtype) for k, v in state.items()}
+    missing = draft.load_state_dict(state, strict=False, assign=True).missing_keys
+    missing = [k for k in missing if not k.startswith(("embed_tokens.", "lm_head."))]
+    if missing:
+        raise ValueError(f"draft model {path}: {WEIGHTS} lacks {len(missing)} weights, e.g. {missing[0]}")
+    draft.rope_cos, draft.rope_sin = (t.to(eager.device) for t in rope_tables(cfg))
+    draft = _share_target(draft, eager).eval()
+    if eager.device.type == "cpu":
+        draft.fuse_projections()
+    return draft

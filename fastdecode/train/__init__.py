@@ -1,0 +1,1 @@
+"""Training drafters on the target's own outputs: `fastdecode train data`, `fastdecode train draft`."""

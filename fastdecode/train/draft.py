@@ -1,0 +1,314 @@
+"""`fastdecode train draft`: a small draft model distilled from the target on the target's own answers.
+
+The draft (models/draft.py) is `layers` Llama layers initialised from the target's, with the target's
+embedding and LM head shared and frozen. Loss: forward KL(p_target || p_draft) at every position of the
+training sequences (DistillSpec's choice for greedy acceptance), the target's logits computed on the fly.
+Weights in fp32, products in the target's dtype (autocast), AdamW with warmup and cosine decay.
+
+Measured as training goes, on the held-out split: top-1 agreement of draft and target on answer
+tokens, and the mean accepted length of a greedy chain draft of depth k computed from runs of agreement
+(exact for greedy decoding: the sequences are the target's greedy answers). A checkpoint is written
+every `save_every` steps (`--resume` continues it); the artifact (`draft.safetensors` + `manifest.json`,
+bf16) and a loss/agreement plot are written at the end, or when `time_limit` runs out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fastdecode.models.draft import init_draft, save_draft, target_info, trainable_state
+from fastdecode.train.data import data_hash, load_split, read_manifest
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    layers: int = 2
+    init_layers: tuple[int, ...] = ()  # target layers the draft starts from (default: the first `layers`)
+    steps: int = 3000
+    batch_tokens: int = 16384  # padded tokens per batch
+    max_len: int = 768  # sequences are cut to this many tokens
+    lr: float = 1e-3
+    warmup: int = 100
+    min_lr_ratio: float = 0.1
+    eval_every: int = 250
+    eval_sequences: int = 96
+    save_every: int = 500
+    chain_depth: int = 6  # depth of the chain draft whose accepted length is estimated
+    seed: int = 0
+    time_limit: float = 0.0  # seconds of training before stopping early and saving (0: none)
+
+    def validate(self) -> None:
+        if self.layers < 1:
+            raise ValueError(f"layers must be >= 1, got {self.layers}")
+        if self.init_layers and len(self.init_layers) != self.layers:
+            raise ValueError(f"init_layers names {len(self.init_layers)} layers; the draft has {self.layers}")
+        if self.steps < 1 or self.batch_tokens < self.max_len or self.max_len < 2:
+            raise ValueError("steps >= 1, max_len >= 2 and batch_tokens >= max_len are needed")
+        if not 0 < self.lr < 1 or self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("lr in (0, 1), warmup >= 0 and min_lr_ratio in [0, 1] are needed")
+        if self.eval_every < 1 or self.save_every < 1 or self.eval_sequences < 1 or self.chain_depth < 1:
+            raise ValueError("eval_every, save_every, eval_sequences and chain_depth must be >= 1")
+
+
+def batches(seqs: list[tuple[list[int], int]], settings: TrainSettings, rng: random.Random) -> list[list[int]]:
+    """One epoch of batches (indices into `seqs`): similar lengths together, at most `batch_tokens` padded tokens."""
+    idx = list(range(len(seqs)))
+    rng.shuffle(idx)
+    out: list[list[int]] = []
+    pool = 64 * max(1, settings.batch_tokens // settings.max_len)
+    for p in range(0, len(idx), pool):
+        part = sorted(idx[p : p + pool], key=lambda i: len(seqs[i][0]))
+        cur: list[int] = []
+        for i in part:
+            longest = min(settings.max_len, max([len(seqs[j][0]) for j in cur] + [len(seqs[i][0])]))
+            if cur and longest * (len(cur) + 1) > settings.batch_tokens:
+                out.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            out.append(cur)
+    rng.shuffle(out)
+    return out
+
+
+def collate(seqs: list[tuple[list[int], int]], batch: list[int], max_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, valid): right-padded token ids and which positions hold tokens."""
+    T = min(max_len, max(len(seqs[i][0]) for i in batch))
+    ids = torch.zeros(len(batch), T, dtype=torch.long)
+    valid = torch.zeros(len(batch), T, dtype=torch.bool)
+    for r, i in enumerate(batch):
+        s = seqs[i][0][:T]
+        ids[r, : len(s)] = torch.tensor(s)
+        valid[r, : len(s)] = True
+    return ids.to(device), valid.to(device)
+
+
+class LayerCaches:
+    """A KV cache of one tensor per layer, for forwards that are differentiated: a layer's writes then never
+    touch a tensor another layer saved for its backward (the engine's single (L, ...) tensor would)."""
+
+    def __init__(self, model: Any, batch: int, length: int, dtype: torch.dtype):
+        cfg = model.cfg
+        shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=model.device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=model.device) for _ in range(cfg.num_layers)]
+        self.max_len, self.length = length, 0
+
+
+def full_logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) fp32 logits of a causal forward over `ids` from an empty cache (right padding is harmless)."""
+    B, T = ids.shape
+    cache = LayerCaches(model, B, T, model.dtype)
+    pos = torch.arange(T, device=ids.device)[None].expand(B, T)
+    logits, _ = model(ids, pos, cache)
+    return logits
+
+
+def kl_loss(target_logits: torch.Tensor, draft_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Forward KL(p_target || p_draft) per valid position, averaged."""
+    lp = F.log_softmax(target_logits[valid], -1)
+    lq = F.log_softmax(draft_logits[valid], -1)
+    return F.kl_div(lq, lp, log_target=True, reduction="batchmean")
+
+
+@torch.no_grad()
+def evaluate(target: Any, draft: Any, seqs: list[tuple[list[int], int]], settings: TrainSettings, autocast: Any) -> dict[str, float]:
+    """Held-out top-1 agreement on answer tokens and the mean accepted length of a depth-k greedy chain."""
+    agree_total, count, accepted, starts = 0, 0, 0, 0
+    kl_sum, kl_n = 0.0, 0
+    dev = draft.device
+    order = list(range(min(len(seqs), settings.eval_sequences)))
+    for b in range(0, len(order), 16):
+        batch = order[b : b + 16]
+        ids, valid = collate(seqs, batch, settings.max_len, dev)
+        with autocast():
+            tl = full_logits(target, ids)
+            dl = full_logits(draft, ids)
+        kl_sum += float(kl_loss(tl, dl, valid)) * int(valid.sum())
+        kl_n += int(valid.sum())
+        same = (tl.argmax(-1) == dl.argmax(-1)).cpu()
+        for r, i in enumerate(batch):
+            n = min(len(seqs[i][0]), ids.shape[1])
+            a0 = seqs[i][1] - 1  # row a0 predicts the first answer token
+            row = same[r, a0 : n - 1].tolist()  # rows that predict answer tokens
+            agree_total += sum(row)
+            count += len(row)
+            run = 0  # accepted drafts from each answer position: consecutive agreements, capped at k
+            for j in range(len(row) - 1, -1, -1):
+                run = run + 1 if row[j] else 0
+                accepted += min(run, settings.chain_depth)
+            starts += len(row)
+    return {
+        "agreement": agree_total / max(count, 1),
+        "accepted_per_step": accepted / max(starts, 1),  # + 1 bonus token = the estimated MAT of the chain
+        "kl": kl_sum / max(kl_n, 1),
+    }
+
+
+def lr_at(step: int, settings: TrainSettings, elapsed: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to `min_lr_ratio`; with a time limit the decay runs by whichever of
+    steps and time is further along, so a run cut short by the clock still ends at the low rate."""
+    if step < settings.warmup:
+        return settings.lr * (step + 1) / settings.warmup
+    t = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+    if settings.time_limit:
+        t = max(t, elapsed / settings.time_limit)
+    return settings.lr * (settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def plot(history: list[dict[str, float]], evals: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot([h["step"] for h in history], [h["loss"] for h in history], lw=0.8, label="train KL")
+    if evals:
+        a.plot([e["step"] for e in evals], [e["kl"] for e in evals], "o-", label="held-out KL")
+        b.plot([e["step"] for e in evals], [e["agreement"] for e in evals], "o-", label="top-1 agreement")
+        b.plot([e["step"] for e in evals], [e["accepted_per_step"] / 10 for e in evals], "s--", label="accepted per step / 10")
+    a.set_xlabel("step")
+    a.set_yscale("log")
+    a.legend()
+    b.set_xlabel("step")
+    b.set_ylim(0, 1)
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train_draft(
+    target: Any, data: Path, out: Path, settings: TrainSettings, command: str = "", resume: bool = False, progress: bool = True,
+) -> dict[str, Any]:
+    """Train a draft model for `target` on the dataset at `data`; write the artifact to `out`. Returns its manifest."""
+    settings.validate()
+    t_start = time.perf_counter()
+    target = getattr(target, "eager_model", target)
+    dmanifest = read_manifest(data)
+    from fastdecode.models.draft import same_target
+
+    why = same_target(dmanifest.get("target", {}), target)
+    if why is not None:
+        raise ValueError(f"training data {data} was made by another target: {why}")
+    train = load_split(data, "train")
+    held = load_split(data, "heldout")
+    if not train:
+        raise ValueError(f"training data {data} has no train split")
+    if not held:
+        held = train[-settings.eval_sequences :]  # no held-out split: score on the last train sequences (said in the manifest)
+    init = list(settings.init_layers) or list(range(settings.layers))
+    torch.manual_seed(settings.seed)
+    draft = init_draft(target, init, torch.float32)
+    draft.train()
+    params = [p for p in draft.parameters() if p.requires_grad]
+    dev = target.device
+    opt = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=dev.type == "cuda")
+    half = target.dtype in (torch.bfloat16, torch.float16)
+
+    def autocast() -> Any:
+        return torch.autocast(dev.type, dtype=target.dtype, enabled=half)
+
+    step, history, evals = 0, [], []
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / CHECKPOINT
+    rng = random.Random(settings.seed)
+    dhash = data_hash(dmanifest)
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location=dev, weights_only=False)
+        if state["settings"] != asdict(settings) or state["data"] != dhash:
+            raise ValueError(f"{ckpt} was made with other settings or data: give the same, or another --out")
+        draft.load_state_dict(state["draft"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        step, history, evals = state["step"], state["history"], state["evals"]
+        rng.setstate(state["rng"])
+    from tqdm import tqdm
+
+    bar = tqdm(total=settings.steps, initial=step, unit="step", disable=not progress, desc="training", dynamic_ncols=True)
+    epoch: list[list[int]] = []
+    tokens_seen = sum(h.get("tokens", 0) for h in history)
+    stopped_early = False
+    t_train = time.perf_counter()
+
+    def save_checkpoint() -> None:
+        torch.save({"settings": asdict(settings), "data": dhash, "draft": trainable_state(draft), "optimizer": opt.state_dict(),
+                    "step": step, "history": history, "evals": evals, "rng": rng.getstate()}, ckpt)
+
+    def run_eval() -> None:
+        draft.eval()
+        e = {"step": step, **evaluate(target, draft, held, settings, autocast)}
+        draft.train()
+        evals.append(e)
+        bar.write(f"step {step}: held-out KL {e['kl']:.3f}, agreement {e['agreement']:.3f}, accepted per step {e['accepted_per_step']:.2f}")
+
+    if step == 0:
+        run_eval()  # where the initialised draft starts
+    while step < settings.steps:
+        if settings.time_limit and time.perf_counter() - t_train > settings.time_limit:
+            stopped_early = True
+            break
+        if not epoch:
+            epoch = batches(train, settings, rng)
+        ids, valid = collate(train, epoch.pop(), settings.max_len, dev)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, settings, time.perf_counter() - t_train)
+        with autocast():
+            with torch.no_grad():
+                tl = full_logits(target, ids)
+            dl = full_logits(draft, ids)
+            loss = kl_loss(tl, dl, valid)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        opt.step()
+        step += 1
+        n = int(valid.sum())
+        tokens_seen += n
+        history.append({"step": step, "loss": float(loss.detach()), "grad_norm": round(gnorm, 4), "tokens": n})
+        bar.update(1)
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+        if step % settings.eval_every == 0 or step == settings.steps:
+            run_eval()
+        if step % settings.save_every == 0:
+            save_checkpoint()
+    bar.close()
+    if not evals or evals[-1]["step"] != step:
+        run_eval()
+    save_checkpoint()
+    last = evals[-1]
+    manifest = {
+        "target": target_info(target),
+        "init_layers": init,
+        "command": command,
+        "data": {"folder": data.name, "sha256": dhash, "train_sequences": len(train), "heldout_sequences": len(held),
+                 "source": dmanifest.get("source"), "seed": dmanifest.get("settings", {}).get("seed")},
+        "settings": asdict(settings),
+        "steps": step,
+        "stopped_early": stopped_early,
+        "tokens_seen": tokens_seen,
+        "metrics": {"heldout_agreement": round(last["agreement"], 4), "heldout_accepted_per_step": round(last["accepted_per_step"], 3),
+                    "heldout_kl": round(last["kl"], 4), "chain_depth": settings.chain_depth,
+                    "final_train_loss": round(sum(h["loss"] for h in history[-50:]) / max(1, len(history[-50:])), 4)},
+        "evals": evals,
+        "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+        "dtype": str(target.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "train_seconds": round(time.perf_counter() - t_train, 1),
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    save_draft(draft, out, manifest)
+    (out / "history.json").write_text(json.dumps(history) + "\n")
+    plot(history, evals, out / "training.png")
+    return manifest
