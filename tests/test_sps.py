@@ -153,3 +153,20 @@ def test_bild_falls_back_to_the_target_when_the_draft_is_unsure(tiny_model: Any,
     ref, _ = run_engine(tiny_model, tiny_prompt(1), "ar", SamplingParams(), 20)
     assert out == ref and stats.drafted == 0 and stats.steps == 20
     assert stats.draft_forwards == 19  # one per step but the last (a budget of one token: nothing to draft)
+
+
+def test_sps_with_prompt_lookup_starts_from_the_match_and_stays_lossless(tiny_model: Any, drafts: dict[str, str]) -> None:
+    drafter = make_drafter("sps", draft=drafts["weak"], lookup=6, adaptive=False)
+    plain = make_drafter("sps", draft=drafts["weak"], adaptive=False)
+    more = 0
+    for seed in range(6):
+        prompt = tiny_prompt(seed, length=24)
+        ref, _ = run_engine(tiny_model, prompt, "ar", SamplingParams(), 40)
+        out, s1 = run_engine(tiny_model, prompt, "sps", SamplingParams(), 40, drafter=drafter)
+        _, s0 = run_engine(tiny_model, prompt, "sps", SamplingParams(), 40, drafter=plain)
+        assert out == ref
+        more += s1.drafted - s0.drafted
+    assert more > 0  # matches add tokens to the draft model's own
+    # rejection sampling cannot verify given tokens: lookup is skipped there, and the output keeps the distribution
+    params = SamplingParams(temperature=1.0, seed=1, sampler="rejection")
+    run_engine(tiny_model, tiny_prompt(0, length=24), "sps", params, 20, drafter=drafter)

@@ -39,7 +39,8 @@ def add_bench_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
     b.add_argument("--seed", type=int, default=0, help="sampling runs and the ShareGPT sample derive from it")
     b.add_argument("--peers", default="", help="comma-separated peer tools: transformers, llamacpp (pip install fastdecode[peers])")
     b.add_argument("--peer-per-category", type=int, default=None, help="peers run on the first N prompts of each category only")
-    b.add_argument("--assistant", default=None, help="a small model (GGUF or HF folder) for transformers assisted generation")
+    b.add_argument("--assistant", default=None,
+                   help="a draft for transformers assisted generation: a small model (GGUF or HF folder) or a `train draft` artifact")
     b.add_argument("--threads", type=int, default=None, help="torch (and llama.cpp) threads (default: torch's own choice)")
     b.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method before timing (default 1)")
     b.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")

@@ -6,7 +6,9 @@
 - speedup = that figure ÷ `ar`'s over the *same* prompts (both without error), plus the median of the
   per-prompt ratios;
 - MAT = new tokens ÷ steps; acceptance rate = accepted ÷ drafted; exact-match rate over the compared rows;
-- `fails`: rows of a lossless method that diverge from `ar` for a reason other than a numeric tie.
+- `fails`: rows of a lossless method that diverge from `ar` for a reason other than a numeric tie;
+- quality against `ar` (what a lossy method costs): token agreement (the share of `ar`'s tokens the method has
+  at the same position) and ROUGE-L F1 over token ids, each a mean over prompts.
 
 Pure arithmetic on rows (plain dicts, as results.jsonl holds them): nothing here runs or times anything.
 """
@@ -64,9 +66,44 @@ def method_stats(rows: Sequence[Row], reference: dict[str, Row]) -> dict[str, An
         "mat": _rate(new, steps) if kind == "method" else None,
         "acceptance_rate": _rate(sum(r.get("accepted") or 0 for r in ok), drafted) if kind == "method" else None,
         "exact_match": _rate(sum(1 for r in compared if r["exact"]), len(compared)),
+        # the quality cost of a lossy method (1.0 for an exact one): means over prompts, against `ar`'s tokens
+        "token_agreement": _mean([token_agreement(_ids(a), _ids(r)) for r, a in paired]),
+        "rouge_l": _mean([rouge_l(_ids(a), _ids(r)) for r, a in paired]),
         "ties": len(ties),
         "fails": sum(1 for r in compared if r.get("flag")),
     }
+
+
+def _ids(row: Row) -> list[int]:
+    return [t for turn in row.get("token_ids") or [] for t in turn]
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def token_agreement(reference: Sequence[int], other: Sequence[int]) -> float:
+    """The share of the reference's tokens that `other` has at the same position."""
+    if not reference:
+        return 1.0 if not other else 0.0
+    return sum(1 for a, b in zip(reference, other, strict=False) if a == b) / len(reference)
+
+
+def rouge_l(reference: Sequence[int], other: Sequence[int]) -> float:
+    """ROUGE-L F1 over token ids: the longest common subsequence against both lengths (Lin, 2004)."""
+    if not reference or not other:
+        return float(list(reference) == list(other))
+    prev = [0] * (len(other) + 1)
+    for a in reference:
+        cur = [0]
+        for j, b in enumerate(other):
+            cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if not lcs:
+        return 0.0
+    precision, recall = lcs / len(other), lcs / len(reference)
+    return 2 * precision * recall / (precision + recall)
 
 
 def speedup(paired: Sequence[tuple[Row, Row]]) -> float | None:

@@ -129,6 +129,31 @@ class TransformersPeer:
         return Turn(tuple(prompt_ids), tuple(new), wall, finish_reason=_finish(new, self.setup.eos_ids))
 
 
+def draft_as_transformers(folder: Path, target: Any) -> Any:
+    """A fastdecode draft artifact as a transformers model for assisted generation: the target's config with
+    the draft's layer count, the draft's layers and norm, the target's embedding and (tied) LM head."""
+    import copy
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from fastdecode.models.draft import WEIGHTS, read_manifest
+
+    manifest = read_manifest(folder)
+    cfg = copy.deepcopy(target.config)
+    cfg.num_hidden_layers = int(manifest["num_layers"])
+    if hasattr(cfg, "layer_types") and cfg.layer_types is not None:
+        cfg.layer_types = cfg.layer_types[: cfg.num_hidden_layers]
+    model = AutoModelForCausalLM.from_config(cfg, dtype=target.dtype)
+    state = {f"model.{k}": v for k, v in load_file(str(folder / WEIGHTS)).items()}
+    state["model.embed_tokens.weight"] = target.get_input_embeddings().weight.detach()
+    state["lm_head.weight"] = target.get_output_embeddings().weight.detach()
+    missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if "rotary" not in k]
+    if missing:
+        raise ValueError(f"draft model {folder}: no weight for {missing[0]} of the transformers model")
+    return model.to(device=target.device, dtype=target.dtype).eval()
+
+
 def transformers_peers(setup: PeerSetup) -> list[Peer]:
     model = load_transformers_model(setup.source, setup.dtype, setup.device)
     peers: list[Peer] = [
@@ -136,7 +161,10 @@ def transformers_peers(setup: PeerSetup) -> list[Peer]:
         TransformersPeer("transformers-pld", model, setup, {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS}),
     ]
     if setup.assistant is not None:
-        assistant = load_transformers_model(resolve(str(setup.assistant)), setup.dtype, setup.device)
+        if (setup.assistant / "manifest.json").is_file() and not (setup.assistant / "config.json").is_file():
+            assistant = draft_as_transformers(setup.assistant, model)  # one of our draft models (fastdecode train draft)
+        else:
+            assistant = load_transformers_model(resolve(str(setup.assistant)), setup.dtype, setup.device)
         peers.append(TransformersPeer("transformers-assisted", model, setup, {"assistant_model": assistant}))
     return peers
 

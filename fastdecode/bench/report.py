@@ -73,14 +73,16 @@ def _label(method: str, s: dict[str, Any]) -> str:
 
 
 def method_table(summary: dict[str, Any]) -> list[str]:
-    header = ["method", "prompts", "tokens/s", "speedup", "median", "MAT", "acceptance", "prefill ms", "exact match", "errors"]
+    header = ["method", "prompts", "tokens/s", "speedup", "median", "MAT", "acceptance", "prefill ms", "exact match",
+              "token agreement", "ROUGE-L", "errors"]
     rows = []
     for m in summary["methods"]:
         s = summary[OVERALL][m]
         rows.append([
             _label(m, s), str(s["prompts"]), _num(s["tokens_per_s"], "{:.1f}"), _num(s["speedup"], suffix="×"),
             _num(s["median_speedup"], suffix="×"), _num(s["mat"]), _pct(s["acceptance_rate"]),
-            _num(None if s["prefill_s_mean"] is None else 1e3 * s["prefill_s_mean"], "{:.0f}"), _exact(s), str(s["errors"]),
+            _num(None if s["prefill_s_mean"] is None else 1e3 * s["prefill_s_mean"], "{:.0f}"), _exact(s),
+            _pct(s.get("token_agreement")), _num(s.get("rouge_l"), "{:.3f}"), str(s["errors"]),
         ])
     return _table(header, rows)
 
@@ -172,13 +174,15 @@ def print_table(summary: dict[str, Any], stream: TextIO = sys.stdout) -> None:
     """The per-method summary in the terminal; a failing lossless method in red (when the terminal has colour)."""
     colour = stream.isatty()
     groups = summary["groups"]
-    header = ["method", *groups, OVERALL, "MAT", "exact"]
+    lossy = any(not summary[OVERALL][m]["lossless"] and summary[OVERALL][m]["kind"] == "method" for m in summary["methods"])
+    header = ["method", *groups, OVERALL, "MAT", "exact", *(["agreement", "ROUGE-L"] if lossy else [])]
     rows = []
     for m in summary["methods"]:
         o = summary[OVERALL][m]
         exact = _exact(o).replace("**", "")
         cells = [_num(summary["by_group"][g][m]["speedup"], suffix="x") for g in groups]
-        rows.append([m, *cells, _num(o["speedup"], suffix="x"), _num(o["mat"]), exact])
+        quality = [_pct(o.get("token_agreement")), _num(o.get("rouge_l"), "{:.3f}")] if lossy else []
+        rows.append([m, *cells, _num(o["speedup"], suffix="x"), _num(o["mat"]), exact, *quality])
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
     print(fmt(header), file=stream)

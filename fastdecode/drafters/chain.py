@@ -10,6 +10,7 @@ the cache; the next step keeps those the verifier accepted.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,7 @@ def draft_chain(
     min_confidence: float = 0.0,  # stop after a token whose draft probability (top-1) is below this
     keep_unconfident: bool = True,  # propose that last, unconfident token (False: the target makes it; BiLD's fallback)
     new_cache: Any = None,  # () -> KVCache: the drafter's cache (default: model.new_cache of the target cache's size)
+    forced: Sequence[int] = (),  # the draft's first tokens, given (a prompt-lookup match): the model continues after them
 ) -> Proposal:
     if state.cache is None or state.cache.max_len < ctx.target.cache.max_len:
         n_layers = None if layers is None else len(layers)
@@ -59,14 +61,16 @@ def draft_chain(
     keep = min(_common_prefix(state.fed, ctx.tokens), n - 1, cache.length)
     cache.truncate(keep)
     del state.fed[keep:]
-    feed = ctx.tokens[keep:]
-    pos = list(range(keep, n))
+    feed = [*ctx.tokens[keep:], *forced]
+    pos = list(range(keep, n + len(forced)))
     sampling = not ctx.params.greedy and ctx.params.sampler == "rejection"
     if sampling and state.generator is None:
         state.generator = torch.Generator().manual_seed((ctx.params.seed * 0x9E3779B1 + 0x1A7E5) & 0xFFFFFFFFFFFF)
     greedy_tokens = getattr(model, "greedy_tokens", None) if ctx.params.greedy else None
     in_dev = getattr(model, "input_device", model.device)
-    drafts: list[int] = []
+    if forced and sampling:
+        raise ValueError("given draft tokens have no draft distribution: the rejection sampler cannot verify them")
+    drafts: list[int] = list(forced)
     qs: list[torch.Tensor] = []
     forwards = 0
     for _ in range(k):

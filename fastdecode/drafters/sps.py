@@ -7,6 +7,9 @@ rejection sampler by speculative sampling with the draft's probabilities: lossle
 length adapts to acceptance and step time (`adaptive`). On a GPU the draft's forwards replay CUDA graphs
 of their own, as the target's do.
 
+`lookup=N` combines it with prompt lookup: where the last 2-3 tokens occurred before, the draft starts with
+up to N tokens of what followed them and the draft model continues from there (one forward feeds them).
+
 `draft=PATH` names the artifact; by default the draft shipped for the embedded model is used when the
 target is that model, and any other target needs one (`fastdecode train draft`).
 """
@@ -19,6 +22,7 @@ from typing import Any
 
 from fastdecode.drafters.base import DraftContext, Drafter, Proposal, register
 from fastdecode.drafters.chain import ChainState, draft_chain
+from fastdecode.drafters.pld import NgramIndex
 
 _LOADED: dict[tuple[int, str], Any] = {}  # (id of the target model, draft path) -> the draft's runner or model
 
@@ -57,10 +61,11 @@ class SpsOptions:
     draft: str = ""  # the draft model's folder (default: the one shipped for the embedded model)
     num_draft: int = 6  # deepest draft
     adaptive: bool = True
+    lookup: int = 0  # > 0: start the draft with up to this many tokens of a prompt-lookup match (2-3 token suffix), then the model
 
     def validate(self) -> None:
-        if self.num_draft < 1:
-            raise ValueError("sps: num_draft must be >= 1")
+        if self.num_draft < 1 or self.lookup < 0:
+            raise ValueError("sps: num_draft must be >= 1 and lookup >= 0")
         if self.draft:
             from fastdecode.models.draft import read_manifest
 
@@ -83,6 +88,7 @@ class SpeculativeSampling(Drafter):
 
     def reset(self, prompt_tokens: list[int]) -> None:
         self.state.reset()
+        self.index = NgramIndex(2, 3)
 
     def model(self, ctx: DraftContext) -> Any:
         return draft_model(ctx.target.model, self.options.draft)
@@ -91,10 +97,19 @@ class SpeculativeSampling(Drafter):
         k = min(self.options.num_draft, ctx.max_depth, ctx.max_nodes)
         if k < 1:
             return Proposal()
+        forced: list[int] = []
+        lookup = getattr(self.options, "lookup", 0)  # bild has none
+        if lookup and not (not ctx.params.greedy and ctx.params.sampler == "rejection"):
+            self.index.update(ctx.tokens)
+            found = self.index.continuations(ctx.tokens, min(lookup, ctx.max_depth, ctx.max_nodes), 1)
+            forced = found[0] if found else []
+        k = min(k, ctx.max_depth - len(forced), ctx.max_nodes - len(forced))
+        if k < 1:
+            return Proposal.chain(forced)
         # a runner's own cache (its graphs point at it); a plain model's is made to the target cache's size
         maker = getattr(model, "new_target_cache", None)
         new_cache = None if maker is None else (lambda: maker(batch=1, length=ctx.target.cache.max_len))
-        return draft_chain(model, self.state, ctx, k, None, min_confidence, keep_unconfident, new_cache)
+        return draft_chain(model, self.state, ctx, k, None, min_confidence, keep_unconfident, new_cache, forced)
 
     def propose(self, ctx: DraftContext) -> Proposal:
         return self.chain(ctx, self.model(ctx))
