@@ -2,7 +2,7 @@
 # Make the training data and train the draft model on the device machine; results go to the folder given as $1.
 #   scripts/gpu_train.sh OUT [data] [draft] [check]      (default: all three)
 # Expects the embedded model at /root/models/smollm2.gguf and the ShareGPT first turns at $SRC (default
-# /root/sharegpt.jsonl, made by scripts/sharegpt_first_turns.py; or SRC=sharegpt with the package installed).
+# /root/sharegpt.jsonl.gz, made by scripts/sharegpt_first_turns.py; or SRC=sharegpt with the package installed).
 #   data:  fastdecode train data  (COUNT, BATCH, DATA_TIMEOUT: a cut-off run keeps its finished shards)
 #   draft: fastdecode train draft (TRAIN_SECONDS of training, LAYERS); the artifact goes to OUT/draft
 #   check: a short greedy bench of ar, sps and bild with the new draft (13 prompts, 128 tokens)
@@ -21,7 +21,7 @@ for stage in $stages; do
   echo "== $stage $(date -u +%H:%M:%S)"
   case $stage in
     data)  t0=$(date +%s)
-           timeout "${DATA_TIMEOUT:-300}" "$py" -m fastdecode train data --model "$model" --device cuda --out "$data" --source "${SRC:-/root/sharegpt.jsonl}" \
+           timeout "${DATA_TIMEOUT:-300}" "$py" -m fastdecode train data --model "$model" --device cuda --out "$data" --source "${SRC:-/root/sharegpt.jsonl.gz}" \
              --count "${COUNT:-6000}" --held-out 200 --batch-size "${BATCH:-128}" --shard-size 500 --no-progress > "$out/data.log" 2>&1 || status=1
            echo "data: $(( $(date +%s) - t0 )) s"; tail -3 "$out/data.log"
            cp "$data/manifest.json" "$out/data-manifest.json" ;;

@@ -2,8 +2,8 @@
 
 `fastdecode train data --source FILE` on that file selects exactly what `--source sharegpt` selects (same
 turns, same order, same seed): the device machine has no network and only 64 MiB travel per command, so
-this 13 MB extract travels instead of the 27 MB wheel.
-    python scripts/sharegpt_first_turns.py OUT.jsonl
+this extract travels instead of the 27 MB wheel (4.4 MB gzipped: name OUT with .jsonl.gz).
+    python scripts/sharegpt_first_turns.py OUT.jsonl[.gz]
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ def main() -> None:
     src = sharegpt_path()
     turns = first_turns(src)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as f:
+    import gzip
+
+    with (gzip.open(out, "wt", encoding="utf-8") if out.suffix == ".gz" else out.open("w", encoding="utf-8")) as f:
         for cid, text in turns:
             f.write(json.dumps({"id": cid, "conversations": [{"from": "human", "value": text}]}, ensure_ascii=False) + "\n")
     print(f"{len(turns)} first turns of {src.name} (sha256 {file_sha256(src)[:16]}) -> {out}")

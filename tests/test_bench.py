@@ -421,3 +421,54 @@ def test_commit_override(monkeypatch: pytest.MonkeyPatch) -> None:
     real = git_commit()
     monkeypatch.setenv("FASTDECODE_COMMIT", "abc123+gpu")
     assert git_commit() == "abc123+gpu" != real
+
+
+def test_quality_against_ar_token_agreement_and_rouge_l() -> None:
+    from fastdecode.bench.metrics import rouge_l, token_agreement
+
+    ref = [1, 2, 3, 4, 5, 6, 7, 8]
+    assert token_agreement(ref, ref) == 1.0 == rouge_l(ref, ref)
+    assert token_agreement(ref, [1, 2, 3, 4, 9, 9, 9, 9]) == 0.5
+    shifted = [1, 2, 3, 4, 0, 5, 6, 7, 8]  # one token inserted: positions shift, the subsequence stays
+    assert token_agreement(ref, shifted) == 0.5
+    lcs = 8
+    assert abs(rouge_l(ref, shifted) - 2 * (lcs / 9) * (lcs / 8) / (lcs / 9 + lcs / 8)) < 1e-12
+    assert rouge_l(ref, [9, 9]) == 0.0 and rouge_l([], []) == 1.0 and token_agreement(ref, []) == 0.0
+
+
+def test_transformers_assisted_with_our_draft_artifact(tmp_path: Path) -> None:
+    """A `train draft` artifact as transformers' assistant: the same logits as our draft model, and
+    assisted generation returns ar's tokens."""
+    pytest.importorskip("accelerate")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastdecode.models.draft import init_draft, load_draft, save_draft, target_info
+    from fastdecode.models.loader import build_model, load_hf, resolve
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, tie_word_embeddings=False)
+    hf = LlamaForCausalLM(config)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(20.0)
+    hf.save_pretrained(tmp_path / "model")
+    source = resolve(str(tmp_path / "model"))
+    cfg, state = load_hf(source.path)
+    model = build_model(cfg, state, torch.float32, "cpu")
+    save_draft(init_draft(model, [1]), tmp_path / "draft", {"target": target_info(model)}, dtype=torch.float32)
+    ours = load_draft(tmp_path / "draft", model)
+    hf_target = peers_mod.load_transformers_model(source, torch.float32, torch.device("cpu"))
+    theirs = peers_mod.draft_as_transformers(tmp_path / "draft", hf_target)
+    ids = torch.tensor([[5, 9, 77, 3, 120, 8]])
+    with torch.no_grad():
+        want, _ = ours(ids, torch.arange(6)[None], ours.new_cache(1, 6))
+        got = theirs(ids).logits
+    assert torch.allclose(want, got, atol=1e-4), (want - got).abs().max()
+    gen = Generator(model, ByteTokenizer(), source)  # type: ignore[arg-type]
+    setup = peers_mod.PeerSetup(source, torch.float32, torch.device("cpu"), 1, ByteTokenizer.eos_ids, 1024, tmp_path / "draft")
+    peers = peers_mod.make_peers(["transformers"], setup, [].append)
+    assert [p.label for p in peers] == ["transformers", "transformers-pld", "transformers-assisted"]
+    rows = run_bench(gen, WORKLOAD, BenchSettings((MethodSpec("ar"),), max_new_tokens=8, warmup=0), tmp_path / "out", RECORD,
+                     peers[2:], progress=False)
+    assisted = [r for r in rows if r["method"] == "transformers-assisted"]
+    assert assisted and all(r["error"] is None and r["exact"] for r in assisted), [r.get("error") for r in assisted]

@@ -78,11 +78,19 @@ def first_turns(path: Path) -> list[tuple[str, str]]:
     """(conversation id, first user message) of every conversation that has one, in file order.
 
     Conversations are ShareGPT-shaped: {"id": ..., "conversations": [{"from": "human", "value": ...}, ...]}
-    (also accepted: "messages" with "role"/"content")."""
+    (also accepted: "messages" with "role"/"content"), in a .json list or .jsonl lines, either gzipped."""
     from fastdecode.bench.workloads import json_array_items
 
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
+    if path.suffix == ".gz":
+        import gzip
+
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+        kind = Path(path.stem).suffix  # .jsonl or .json
+    else:
+        text = path.read_text(encoding="utf-8")
+        kind = path.suffix
+    if kind == ".jsonl":
         try:
             rows = [json.loads(line) for line in text.split("\n") if line.strip()]  # not splitlines: U+2028 sits in strings
         except ValueError as e:
