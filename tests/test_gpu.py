@@ -338,3 +338,29 @@ def test_runner_rows_bitwise_equal_the_1_row_step(prefix: int) -> None:
                 cache.length = prefix
                 ar = step_rows(rows[:, path_rows], list(range(prefix, prefix + len(path_rows))))
                 assert torch.equal(ar[-1], tree[1 + j]), f"tree of {n}: node {j} differs from its path's 1-row steps"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sps_draft_runs_through_a_runner_of_its_own(device: str, tmp_path) -> None:
+    """With a graph-runner target, `sps` wraps its draft model in a runner too (its own cache storage, its own
+    graphs): greedy output stays `ar`'s, and a draft identical to the target has every draft accepted."""
+    from fastdecode.drafters.sps import draft_model
+    from fastdecode.models.draft import init_draft, save_draft, target_info
+
+    model = tiny(device)
+    runner = GraphRunner(model, compile=False, verbose=False)
+    save_draft(init_draft(model, [0, 1, 2]), tmp_path / "same", {"target": target_info(model)}, dtype=torch.float32)
+    engine = Engine(runner)  # type: ignore[arg-type]
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
+
+    def run(method: str, **opts):
+        stats = GenerationStats()
+        out = [t for piece in engine.generate(prompt, make_drafter(method, **opts), SamplingParams(), StopConditions(40), stats)
+               for t in piece]
+        return out, stats
+
+    ref, _ = run("ar")
+    out, stats = run("sps", draft=str(tmp_path / "same"), adaptive=False, num_draft=4)
+    assert out == ref and stats.drafted > 0
+    assert stats.accepted >= 0.9 * stats.drafted  # fp32 on a GPU rounds by width: a tie may reject now and then
+    assert isinstance(draft_model(runner, str(tmp_path / "same")), GraphRunner)
