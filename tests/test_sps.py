@@ -170,3 +170,30 @@ def test_sps_with_prompt_lookup_starts_from_the_match_and_stays_lossless(tiny_mo
     # rejection sampling cannot verify given tokens: lookup is skipped there, and the output keeps the distribution
     params = SamplingParams(temperature=1.0, seed=1, sampler="rejection")
     run_engine(tiny_model, tiny_prompt(0, length=24), "sps", params, 20, drafter=drafter)
+
+
+def test_sps_with_a_draft_vocabulary_proposes_only_its_tokens(tiny_model: Any, tmp_path: Path) -> None:
+    """A draft that keeps 6 of the 16 LM-head rows proposes only those tokens, and sps stays `ar`."""
+    from fastdecode.drafters import DraftContext
+    from fastdecode.drafters.sps import draft_model
+
+    vocab = torch.tensor([0, 2, 3, 5, 8, 13])
+    save_draft(init_draft(tiny_model, [0, 1]), tmp_path / "v", {"target": target_info(tiny_model)}, dtype=torch.float32, vocab=vocab)
+    drafter = make_drafter("sps", draft=str(tmp_path / "v"), adaptive=False, num_draft=4)
+    seen: set[int] = set()
+    original = drafter.propose
+
+    def spy(ctx: DraftContext) -> Proposal:
+        p = original(ctx)
+        seen.update(p.tokens)
+        return p
+
+    drafter.propose = spy  # type: ignore[method-assign]
+    for seed in range(4):
+        out, stats = run_engine(tiny_model, tiny_prompt(seed), "sps", SamplingParams(), 30, drafter=drafter)
+        ref, _ = run_engine(tiny_model, tiny_prompt(seed), "ar", SamplingParams(), 30)
+        assert out == ref
+    assert seen and seen <= set(vocab.tolist())
+    assert draft_model(tiny_model, str(tmp_path / "v")).lm_head.weight.shape == (6, tiny_model.cfg.hidden_size)
+    params = SamplingParams(temperature=1.0, seed=2, sampler="rejection")  # q is zero outside the vocabulary
+    run_engine(tiny_model, tiny_prompt(1), "sps", params, 20, drafter=make_drafter("sps", draft=str(tmp_path / "v")))

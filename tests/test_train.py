@@ -175,9 +175,14 @@ def test_train_draft_lowers_the_heldout_kl_and_writes_an_artifact(target: Any, d
     assert saved["data"]["sha256"] == read_manifest(dataset)["data_sha256"]
     from safetensors.torch import load_file
 
-    assert all(k.startswith(("layers.0.", "norm.")) for k in load_file(str(out / WEIGHTS)))  # no embedding, no LM head
+    saved_state = load_file(str(out / WEIGHTS))
+    assert all(k.startswith(("layers.0.", "norm.", "draft_vocab")) for k in saved_state)  # no embedding, no LM head
+    seen = {t for ids, plen in load_split(dataset, "train") for t in ids[plen:]}
+    assert set(saved_state["draft_vocab"].tolist()) == seen  # fewer than 8192 distinct answer tokens: all of them
+    assert 0 < saved["metrics"]["heldout_answer_tokens_in_draft_vocab"] <= 1
     draft = load_draft(out, target)
-    assert draft.embed_tokens is target.embed_tokens and draft.lm_head is target.lm_head
+    assert draft.embed_tokens is target.embed_tokens and draft.lm_head.weight.shape[0] == len(seen)
+    torch.testing.assert_close(draft.lm_head.weight, target.lm_head.weight[saved_state["draft_vocab"]])
     # resuming a finished run trains no further and gives the same weights
     m2 = train_draft(target, dataset, out, settings, "cmd", resume=True, progress=False)
     assert m2["steps"] == 80
@@ -198,6 +203,15 @@ def test_load_draft_refuses_another_target_and_broken_folders(target: Any, tmp_p
         load_draft(tmp_path / "d", target)
     with pytest.raises(ValueError, match="init layers"):
         init_draft(target, [7])
+
+
+def test_draft_vocabulary_keeps_the_most_frequent_answer_tokens() -> None:
+    from fastdecode.models.draft import draft_vocabulary
+
+    seqs = [([9, 9, 9, 1, 1, 2, 5], 3), ([8, 1, 2, 7], 1)]  # answers: 1 1 2 5 | 1 2 7 -> 1:3, 2:2, 5:1, 7:1
+    assert draft_vocabulary(seqs, 2).tolist() == [1, 2]
+    assert draft_vocabulary(seqs, 3).tolist() == [1, 2, 5]  # a tie goes to the lower id
+    assert draft_vocabulary(seqs, 99).tolist() == [1, 2, 5, 7]
 
 
 def test_target_info_is_dtype_independent(target: Any) -> None:

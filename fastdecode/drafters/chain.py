@@ -67,6 +67,7 @@ def draft_chain(
     if sampling and state.generator is None:
         state.generator = torch.Generator().manual_seed((ctx.params.seed * 0x9E3779B1 + 0x1A7E5) & 0xFFFFFFFFFFFF)
     greedy_tokens = getattr(model, "greedy_tokens", None) if ctx.params.greedy else None
+    vocab = getattr(model, "draft_vocab", None)  # a draft vocabulary: logit column i is token vocab[i]
     in_dev = getattr(model, "input_device", model.device)
     if forced and sampling:
         raise ValueError("given draft tokens have no draft distribution: the rejection sampler cannot verify them")
@@ -82,13 +83,18 @@ def draft_chain(
         state.fed.extend(feed)
         forwards += 1
         row = logits[0, -1]  # the draft's distribution for position pos[-1] + 1
+        if vocab is not None:  # back to the target's token ids: tokens outside the draft vocabulary get -inf
+            row = row.new_full((ctx.vocab_size,), float("-inf")).index_copy_(0, vocab, row)
         q = None
         if sampling:
             q = target_probs(row, ctx.params)
             tok = int(torch.multinomial(q.cpu(), 1, generator=state.generator))
         else:
             choice = greedy_tokens(len(feed)) if greedy_tokens is not None else None
-            tok = int(choice[-1]) if choice else int(choose_tokens(row, positions[0, -1].to(row.device), ctx.params))
+            if choice:
+                tok = int(choice[-1]) if vocab is None else int(vocab[int(choice[-1])])
+            else:
+                tok = int(choose_tokens(row, positions[0, -1].to(row.device), ctx.params))
         confident = True
         if min_confidence > 0:
             confident = float(torch.softmax(row.float(), -1).max()) >= min_confidence

@@ -54,6 +54,8 @@ def add_train_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
     r.add_argument("--eval-every", type=int, default=ts.eval_every)
     r.add_argument("--save-every", type=int, default=ts.save_every)
     r.add_argument("--seed", type=int, default=ts.seed)
+    r.add_argument("--draft-vocab", type=int, default=ts.draft_vocab,
+                   help=f"LM head rows the draft keeps: the most frequent answer tokens (default {ts.draft_vocab}; 0: all)")
     r.add_argument("--time-limit", type=float, default=ts.time_limit, help="seconds of training, then save and stop (default: none)")
     r.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     r.add_argument("--no-progress", action="store_true")
@@ -92,7 +94,8 @@ def run_draft(args: argparse.Namespace) -> int:
 
     settings = TrainSettings(layers=args.layers, init_layers=args.init_layers, steps=args.steps, batch_tokens=args.batch_tokens,
                              max_len=args.max_len, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every,
-                             save_every=args.save_every, seed=args.seed, time_limit=args.time_limit)
+                             save_every=args.save_every, seed=args.seed, time_limit=args.time_limit,
+                             draft_vocab=args.draft_vocab)
     settings.validate()
     read_manifest(Path(args.data))  # bad data fails before the load
     gen = _load(args)

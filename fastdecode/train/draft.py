@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fastdecode.models.draft import init_draft, save_draft, target_info, trainable_state
+from fastdecode.models.draft import draft_vocabulary, init_draft, save_draft, target_info, trainable_state
 from fastdecode.train.data import data_hash, load_split, read_manifest
 
 CHECKPOINT = "checkpoint.pt"
@@ -47,6 +47,7 @@ class TrainSettings:
     chain_depth: int = 6  # depth of the chain draft whose accepted length is estimated
     seed: int = 0
     time_limit: float = 0.0  # seconds of training before stopping early and saving (0: none)
+    draft_vocab: int = 8192  # LM head rows kept: the most frequent answer tokens (0: the whole vocabulary)
 
     def validate(self) -> None:
         if self.layers < 1:
@@ -57,6 +58,8 @@ class TrainSettings:
             raise ValueError("steps >= 1, max_len >= 2 and batch_tokens >= max_len are needed")
         if not 0 < self.lr < 1 or self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("lr in (0, 1), warmup >= 0 and min_lr_ratio in [0, 1] are needed")
+        if self.draft_vocab < 0:
+            raise ValueError(f"draft_vocab must be >= 0, got {self.draft_vocab}")
         if self.eval_every < 1 or self.save_every < 1 or self.eval_sequences < 1 or self.chain_depth < 1:
             raise ValueError("eval_every, save_every, eval_sequences and chain_depth must be >= 1")
 
@@ -123,8 +126,11 @@ def kl_loss(target_logits: torch.Tensor, draft_logits: torch.Tensor, valid: torc
 
 
 @torch.no_grad()
-def evaluate(target: Any, draft: Any, seqs: list[tuple[list[int], int]], settings: TrainSettings, autocast: Any) -> dict[str, float]:
-    """Held-out top-1 agreement on answer tokens and the mean accepted length of a depth-k greedy chain."""
+def evaluate(
+    target: Any, draft: Any, seqs: list[tuple[list[int], int]], settings: TrainSettings, autocast: Any, outside: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Held-out top-1 agreement on answer tokens and the mean accepted length of a depth-k greedy chain.
+    `outside`: tokens out of the draft vocabulary (bool, V), which the draft can never propose."""
     agree_total, count, accepted, starts = 0, 0, 0, 0
     kl_sum, kl_n = 0.0, 0
     dev = draft.device
@@ -137,7 +143,8 @@ def evaluate(target: Any, draft: Any, seqs: list[tuple[list[int], int]], setting
             dl = full_logits(draft, ids)
         kl_sum += float(kl_loss(tl, dl, valid)) * int(valid.sum())
         kl_n += int(valid.sum())
-        same = (tl.argmax(-1) == dl.argmax(-1)).cpu()
+        guess = dl.masked_fill(outside, float("-inf")).argmax(-1) if outside is not None else dl.argmax(-1)
+        same = (tl.argmax(-1) == guess).cpu()
         for r, i in enumerate(batch):
             n = min(len(seqs[i][0]), ids.shape[1])
             a0 = seqs[i][1] - 1  # row a0 predicts the first answer token
@@ -154,6 +161,16 @@ def evaluate(target: Any, draft: Any, seqs: list[tuple[list[int], int]], setting
         "accepted_per_step": accepted / max(starts, 1),  # + 1 bonus token = the estimated MAT of the chain
         "kl": kl_sum / max(kl_n, 1),
     }
+
+
+def _coverage(seqs: list[tuple[list[int], int]], outside: torch.Tensor) -> float:
+    """The share of answer tokens inside the draft vocabulary."""
+    inside = total = 0
+    for ids, plen in seqs:
+        ans = torch.tensor(ids[plen:], dtype=torch.long)
+        inside += int((~outside[ans]).sum())
+        total += len(ans)
+    return round(inside / max(total, 1), 4)
 
 
 def lr_at(step: int, settings: TrainSettings, elapsed: float = 0.0) -> float:
@@ -210,6 +227,12 @@ def train_draft(
     if not held:
         held = train[-settings.eval_sequences :]  # no held-out split: score on the last train sequences (said in the manifest)
     init = list(settings.init_layers) or list(range(settings.layers))
+    vocab = draft_vocabulary(train, settings.draft_vocab) if settings.draft_vocab else None
+    outside = None
+    if vocab is not None:
+        outside = torch.ones(target.cfg.vocab_size, dtype=torch.bool, device=target.device)
+        outside[vocab.to(target.device)] = False
+    covered = None if outside is None else _coverage(held, outside.cpu())
     torch.manual_seed(settings.seed)
     draft = init_draft(target, init, torch.float32)
     draft.train()
@@ -248,7 +271,7 @@ def train_draft(
 
     def run_eval() -> None:
         draft.eval()
-        e = {"step": step, **evaluate(target, draft, held, settings, autocast)}
+        e = {"step": step, **evaluate(target, draft, held, settings, autocast, outside)}
         draft.train()
         evals.append(e)
         bar.write(f"step {step}: held-out KL {e['kl']:.3f}, agreement {e['agreement']:.3f}, accepted per step {e['accepted_per_step']:.2f}")
@@ -300,6 +323,7 @@ def train_draft(
         "tokens_seen": tokens_seen,
         "metrics": {"heldout_agreement": round(last["agreement"], 4), "heldout_accepted_per_step": round(last["accepted_per_step"], 3),
                     "heldout_kl": round(last["kl"], 4), "chain_depth": settings.chain_depth,
+                    "heldout_answer_tokens_in_draft_vocab": covered,
                     "final_train_loss": round(sum(h["loss"] for h in history[-50:]) / max(1, len(history[-50:])), 4)},
         "evals": evals,
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
@@ -308,7 +332,7 @@ def train_draft(
         "train_seconds": round(time.perf_counter() - t_train, 1),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
-    save_draft(draft, out, manifest)
+    save_draft(draft, out, manifest, vocab=vocab)
     (out / "history.json").write_text(json.dumps(history) + "\n")
     plot(history, evals, out / "training.png")
     return manifest
