@@ -19,22 +19,23 @@ from fastdecode.drafters import get_method, make_drafter, make_options
 pytestmark = pytest.mark.slow
 
 SMOLLM2_LAYERS = "0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,29"  # layerskip without calibrating
-METHODS: dict[str, dict[str, Any]] = {
-    "pld": {},
-    "pld-tree": {"branches": 3},
-    "ngram": {},
-    "lookahead": {},
-    "layerskip": {"layers": SMOLLM2_LAYERS},
-    "auto": {"arms": ("pld", "ngram", "lookahead", "ar")},
-    "_random-tree": {},
-    "_self": {},
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {  # variant -> (method, options)
+    "pld": ("pld", {}),
+    "pld-tree": ("pld", {"branches": 3}),
+    "ngram": ("ngram", {}),
+    "lookahead": ("lookahead", {}),
+    "layerskip": ("layerskip", {"layers": SMOLLM2_LAYERS}),
+    "auto": ("auto", {"arms": ("pld", "ngram", "lookahead", "ar")}),
+    "sps": ("sps", {}),  # the draft model shipped for SmolLM2
+    "sps-lookup": ("sps", {"lookup": 8}),
+    "_random-tree": ("_random-tree", {}),
+    "_self": ("_self", {}),
 }
 
 
 @pytest.mark.parametrize("variant", list(METHODS))
 def test_bitwise_identical_to_ar_in_bf16(variant: str, smollm2_bf16: Any, ar_refs_bf16: Any, spec_prompts: list[dict]) -> None:
-    method = variant.split("-tree")[0] if variant == "pld-tree" else variant
-    options = METHODS[variant]
+    method, options = METHODS[variant]
     if method == "auto":  # a fresh bandit: every arm gets pulled on these 26 requests
         smollm2_bf16._drafters[("auto", make_options(get_method("auto"), options))] = make_drafter("auto", **options)
     differ, steps, tokens, drafted = [], 0, 0, 0

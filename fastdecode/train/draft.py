@@ -3,6 +3,8 @@
 The draft (models/draft.py) is `layers` Llama layers initialised from the target's, with the target's
 embedding and LM head shared and frozen. Loss: forward KL(p_target || p_draft) at every position of the
 training sequences (DistillSpec's choice for greedy acceptance), the target's logits computed on the fly.
+With a draft vocabulary (the `draft_vocab` most frequent answer tokens) both distributions are over its
+tokens, the target's renormalised: what the draft will propose from, at a sixth of the LM-head cost.
 Weights in fp32, products in the target's dtype (autocast), AdamW with warmup and cosine decay.
 
 Measured as training goes, on the held-out split: top-1 agreement of draft and target on answer
@@ -109,42 +111,54 @@ class LayerCaches:
         self.max_len, self.length = length, 0
 
 
-def full_logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) fp32 logits of a causal forward over `ids` from an empty cache (right padding is harmless)."""
+def hidden_states(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) final hidden states (after the final norm) of a causal forward over `ids` from an empty cache
+    (right padding is harmless). Logits are then taken only where they count, by `head_logits`."""
     B, T = ids.shape
     cache = LayerCaches(model, B, T, model.dtype)
     pos = torch.arange(T, device=ids.device)[None].expand(B, T)
-    logits, _ = model(ids, pos, cache)
-    return logits
+    _, hidden = model(ids, pos, cache, hidden_only=True)
+    return hidden
 
 
-def kl_loss(target_logits: torch.Tensor, draft_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Forward KL(p_target || p_draft) per valid position, averaged."""
-    lp = F.log_softmax(target_logits[valid], -1)
-    lq = F.log_softmax(draft_logits[valid], -1)
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of the selected rows `hidden` (N, D) over the LM-head rows `weight` (V', D)."""
+    return F.linear(hidden, weight).float()
+
+
+def kl_loss(target_logits: torch.Tensor, draft_logits: torch.Tensor) -> torch.Tensor:
+    """Forward KL(p_target || p_draft) per row, averaged. Over a draft vocabulary both are distributions
+    over its tokens: the target's restricted and renormalised, which is what the draft can match."""
+    lp = F.log_softmax(target_logits, -1)
+    lq = F.log_softmax(draft_logits, -1)
     return F.kl_div(lq, lp, log_target=True, reduction="batchmean")
 
 
 @torch.no_grad()
 def evaluate(
-    target: Any, draft: Any, seqs: list[tuple[list[int], int]], settings: TrainSettings, autocast: Any, outside: torch.Tensor | None = None,
+    target: Any, draft: Any, seqs: list[tuple[list[int], int]], settings: TrainSettings, autocast: Any, vocab: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Held-out top-1 agreement on answer tokens and the mean accepted length of a depth-k greedy chain.
-    `outside`: tokens out of the draft vocabulary (bool, V), which the draft can never propose."""
+    """Held-out top-1 agreement on answer tokens (the target's argmax over the whole vocabulary against the
+    draft's over its own) and the mean accepted length of a depth-k greedy chain; KL as in training."""
     agree_total, count, accepted, starts = 0, 0, 0, 0
     kl_sum, kl_n = 0.0, 0
     dev = draft.device
+    full_w = target.lm_head.weight
+    sub_w = full_w if vocab is None else full_w[vocab]
     order = list(range(min(len(seqs), settings.eval_sequences)))
     for b in range(0, len(order), 16):
         batch = order[b : b + 16]
         ids, valid = collate(seqs, batch, settings.max_len, dev)
         with autocast():
-            tl = full_logits(target, ids)
-            dl = full_logits(draft, ids)
-        kl_sum += float(kl_loss(tl, dl, valid)) * int(valid.sum())
-        kl_n += int(valid.sum())
-        guess = dl.masked_fill(outside, float("-inf")).argmax(-1) if outside is not None else dl.argmax(-1)
-        same = (tl.argmax(-1) == guess).cpu()
+            tl = head_logits(hidden_states(target, ids)[valid], full_w)  # (N, V): rows of the valid positions
+            dl = head_logits(hidden_states(draft, ids)[valid], sub_w)
+        tl_sub = tl if vocab is None else tl[:, vocab]
+        kl_sum += float(kl_loss(tl_sub, dl)) * len(tl)
+        kl_n += len(tl)
+        guess = dl.argmax(-1) if vocab is None else vocab[dl.argmax(-1)]
+        same_rows = (tl.argmax(-1) == guess).cpu()
+        same = torch.zeros(valid.shape, dtype=torch.bool)
+        same[valid.cpu()] = same_rows
         for r, i in enumerate(batch):
             n = min(len(seqs[i][0]), ids.shape[1])
             a0 = seqs[i][1] - 1  # row a0 predicts the first answer token
@@ -163,14 +177,11 @@ def evaluate(
     }
 
 
-def _coverage(seqs: list[tuple[list[int], int]], outside: torch.Tensor) -> float:
+def _coverage(seqs: list[tuple[list[int], int]], vocab: torch.Tensor) -> float:
     """The share of answer tokens inside the draft vocabulary."""
-    inside = total = 0
-    for ids, plen in seqs:
-        ans = torch.tensor(ids[plen:], dtype=torch.long)
-        inside += int((~outside[ans]).sum())
-        total += len(ans)
-    return round(inside / max(total, 1), 4)
+    kept = set(vocab.tolist())
+    inside = sum(1 for ids, plen in seqs for t in ids[plen:] if t in kept)
+    return round(inside / max(1, sum(len(ids) - plen for ids, plen in seqs)), 4)
 
 
 def lr_at(step: int, settings: TrainSettings, elapsed: float = 0.0) -> float:
@@ -228,11 +239,11 @@ def train_draft(
         held = train[-settings.eval_sequences :]  # no held-out split: score on the last train sequences (said in the manifest)
     init = list(settings.init_layers) or list(range(settings.layers))
     vocab = draft_vocabulary(train, settings.draft_vocab) if settings.draft_vocab else None
-    outside = None
+    covered = None if vocab is None else _coverage(held, vocab)
     if vocab is not None:
-        outside = torch.ones(target.cfg.vocab_size, dtype=torch.bool, device=target.device)
-        outside[vocab.to(target.device)] = False
-    covered = None if outside is None else _coverage(held, outside.cpu())
+        vocab = vocab.to(target.device)
+    target.requires_grad_(False)  # the target is the teacher: no graph is built through it
+    head_w = (target.lm_head.weight if vocab is None else target.lm_head.weight[vocab]).detach()  # frozen: the target's rows
     torch.manual_seed(settings.seed)
     draft = init_draft(target, init, torch.float32)
     draft.train()
@@ -271,7 +282,7 @@ def train_draft(
 
     def run_eval() -> None:
         draft.eval()
-        e = {"step": step, **evaluate(target, draft, held, settings, autocast, outside)}
+        e = {"step": step, **evaluate(target, draft, held, settings, autocast, vocab)}
         draft.train()
         evals.append(e)
         bar.write(f"step {step}: held-out KL {e['kl']:.3f}, agreement {e['agreement']:.3f}, accepted per step {e['accepted_per_step']:.2f}")
@@ -289,9 +300,9 @@ def train_draft(
             g["lr"] = lr_at(step, settings, time.perf_counter() - t_train)
         with autocast():
             with torch.no_grad():
-                tl = full_logits(target, ids)
-            dl = full_logits(draft, ids)
-            loss = kl_loss(tl, dl, valid)
+                tl = head_logits(hidden_states(target, ids)[valid], head_w)
+            dl = head_logits(hidden_states(draft, ids)[valid], head_w)
+            loss = kl_loss(tl, dl)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
