@@ -16,6 +16,7 @@ target is that model, and any other target needs one (`fastdecode train draft`).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from fastdecode.drafters.base import DraftContext, Drafter, Proposal, register
 from fastdecode.drafters.chain import ChainState, draft_chain
 from fastdecode.drafters.pld import NgramIndex
 
-_LOADED: dict[tuple[int, str], Any] = {}  # (id of the target model, draft path) -> the draft's runner or model
+_LOADED: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()  # target -> {draft folder: draft}
 
 
 def resolve_draft(target: Any, path: str) -> Path:
@@ -45,15 +46,16 @@ def draft_model(target: Any, path: str) -> Any:
     from fastdecode.models.draft import load_draft
 
     folder = resolve_draft(target, path)
-    key = (id(target), str(folder.resolve()))
-    if key not in _LOADED:
+    key = str(folder.resolve())
+    loaded = _LOADED.setdefault(target, {})  # dies with the target: a new model never gets another's draft
+    if key not in loaded:
         model: Any = load_draft(folder, target)
         if hasattr(target, "eager_model"):  # the target replays CUDA graphs: so does the draft
             from fastdecode.cuda_graphs import GraphRunner
 
             model = GraphRunner(model, verbose=getattr(target, "verbose", None))
-        _LOADED[key] = model
-    return _LOADED[key]
+        loaded[key] = model
+    return loaded[key]
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ def add_train_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
     r.add_argument("--lr", type=float, default=ts.lr)
     r.add_argument("--warmup", type=int, default=ts.warmup)
     r.add_argument("--eval-every", type=int, default=ts.eval_every)
+    r.add_argument("--eval-sequences", type=int, default=ts.eval_sequences, help="held-out sequences scored per evaluation")
     r.add_argument("--save-every", type=int, default=ts.save_every)
     r.add_argument("--seed", type=int, default=ts.seed)
     r.add_argument("--draft-vocab", type=int, default=ts.draft_vocab,
@@ -94,8 +95,8 @@ def run_draft(args: argparse.Namespace) -> int:
 
     settings = TrainSettings(layers=args.layers, init_layers=args.init_layers, steps=args.steps, batch_tokens=args.batch_tokens,
                              max_len=args.max_len, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every,
-                             save_every=args.save_every, seed=args.seed, time_limit=args.time_limit,
-                             draft_vocab=args.draft_vocab)
+                             eval_sequences=args.eval_sequences, save_every=args.save_every, seed=args.seed,
+                             time_limit=args.time_limit, draft_vocab=args.draft_vocab)
     settings.validate()
     read_manifest(Path(args.data))  # bad data fails before the load
     gen = _load(args)
