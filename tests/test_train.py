@@ -230,3 +230,18 @@ def test_train_cli_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["train", "data", "--out", str(tmp_path / "o"), "--count", "3", "--held-out", "3"]) == 2
     assert "held_out" in capsys.readouterr().err
     assert main(["train", "draft", "--data", "x", "--out", "y", "--init-layers", "a,b"]) == 2
+
+
+def test_batches_fit_the_token_budget_and_cover_the_epoch() -> None:
+    from fastdecode.train.draft import batches, lr_at
+
+    rng = random.Random(0)
+    seqs = [([1] * rng.randint(2, 90), 1) for _ in range(200)]
+    settings = TrainSettings(batch_tokens=256, max_len=64, warmup=10, steps=110, lr=1e-3, min_lr_ratio=0.1)
+    epoch = batches(seqs, settings, random.Random(1))
+    assert sorted(i for b in epoch for i in b) == list(range(200))
+    assert all(len(b) * min(64, max(len(seqs[i][0]) for i in b)) <= 256 for b in epoch)
+    assert lr_at(0, settings) == pytest.approx(1e-4) and lr_at(9, settings) == pytest.approx(1e-3)
+    assert lr_at(110, settings) == pytest.approx(1e-4)  # the end of the cosine: min_lr_ratio
+    timed = TrainSettings(steps=10**6, warmup=0, time_limit=100.0, lr=1e-3, min_lr_ratio=0.1)
+    assert lr_at(5, timed, elapsed=100.0) == pytest.approx(1e-4)  # cut short by the clock: decayed all the same
