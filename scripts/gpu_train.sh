@@ -30,7 +30,7 @@ for stage in $stages; do
              --steps 100000 --time-limit "${TRAIN_SECONDS:-240}" ${TRAIN_ARGS:-} --no-progress > "$out/train.log" 2>&1 || status=1
            echo "draft: $(( $(date +%s) - t0 )) s"; tail -4 "$out/train.log"
            rm -f "$out/draft/checkpoint.pt" ;;  # optimizer state: too big to come back, not part of the artifact
-    check) "$py" -m fastdecode bench --model "$model" --device cuda --dtype bf16 --methods "${CHECK_METHODS:-ar,sps,bild}" \
+    check) "$py" -m fastdecode bench --model "$model" --device cuda --dtype bf16 --methods "${CHECK_METHODS:-ar,pld,sps,bild}" \
              --opt sps.draft="$out/draft" --opt bild.draft="$out/draft" --per-category 1 --max-turns 1 --max-new-tokens 128 \
              --out "$out/check" --no-progress > "$out/check.log" 2>&1 || status=1
            tail -20 "$out/check.log" ;;
