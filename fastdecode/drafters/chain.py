@@ -68,6 +68,7 @@ def draft_chain(
         state.generator = torch.Generator().manual_seed((ctx.params.seed * 0x9E3779B1 + 0x1A7E5) & 0xFFFFFFFFFFFF)
     greedy_tokens = getattr(model, "greedy_tokens", None) if ctx.params.greedy else None
     vocab = getattr(model, "draft_vocab", None)  # a draft vocabulary: logit column i is token vocab[i]
+    vocab_ids: list[int] | None = None if vocab is None else getattr(model, "draft_vocab_ids", None) or vocab.tolist()
     in_dev = getattr(model, "input_device", model.device)
     if forced and sampling:
         raise ValueError("given draft tokens have no draft distribution: the rejection sampler cannot verify them")
@@ -82,17 +83,18 @@ def draft_chain(
         logits, _ = model(ids, positions, cache, num_logits=1, layers=layers)
         state.fed.extend(feed)
         forwards += 1
-        row = logits[0, -1]  # the draft's distribution for position pos[-1] + 1
-        if vocab is not None:  # back to the target's token ids: tokens outside the draft vocabulary get -inf
-            row = row.new_full((ctx.vocab_size,), float("-inf")).index_copy_(0, vocab, row)
+        row = logits[0, -1]  # the draft's distribution for position pos[-1] + 1 (over its vocabulary)
         q = None
-        if sampling:
-            q = target_probs(row, ctx.params)
-            tok = int(torch.multinomial(q.cpu(), 1, generator=state.generator))
-        else:
+        if ctx.params.greedy:  # the argmax: read from the graph when it computed it, mapped to a token id on the host
             choice = greedy_tokens(len(feed)) if greedy_tokens is not None else None
-            if choice:
-                tok = int(choice[-1]) if vocab is None else int(vocab[int(choice[-1])])
+            col = int(choice[-1]) if choice else int(row.argmax())  # over the vocabulary's ascending ids: ties alike
+            tok = col if vocab_ids is None else vocab_ids[col]
+        else:
+            if vocab is not None:  # back to the target's token ids: tokens outside the draft vocabulary get -inf
+                row = row.new_full((ctx.vocab_size,), float("-inf")).index_copy_(0, vocab, row)
+            if sampling:
+                q = target_probs(row, ctx.params)
+                tok = int(torch.multinomial(q.cpu(), 1, generator=state.generator))
             else:
                 tok = int(choose_tokens(row, positions[0, -1].to(row.device), ctx.params))
         confident = True

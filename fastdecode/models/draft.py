@@ -94,6 +94,7 @@ def _share_target(draft: LlamaModel, target: Any, vocab: torch.Tensor | None = N
         head.weight = torch.nn.Parameter(target.lm_head.weight.detach()[vocab.to(target.device)].clone(), requires_grad=False)
         draft.lm_head = head
     draft.draft_vocab = None if vocab is None else vocab.to(target.device)
+    draft.draft_vocab_ids = None if vocab is None else vocab.tolist()  # the same on the host: no device read per token
     for p in (draft.embed_tokens.weight, draft.lm_head.weight):
         p.requires_grad_(False)
     return draft

@@ -362,6 +362,7 @@ class LlamaModel(nn.Module):
     rope_sin: torch.Tensor
     layers: nn.ModuleList
     draft_vocab: torch.Tensor | None = None  # a draft model's LM head rows as token ids (models/draft.py); None: all
+    draft_vocab_ids: list[int] | None = None
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
