@@ -178,7 +178,7 @@ class Engine:
         self.check_request(len(prompt_ids), stop.max_new_tokens)
         params.validate()
         generator = None
-        if not params.greedy and params.sampler == "rejection":
+        if params.rejection:
             generator = torch.Generator(device=dev)
             generator.manual_seed(params.seed)
         # whole attention blocks (the CPU's row-invariant attention reads the cache as it lies then)

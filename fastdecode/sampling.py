@@ -31,6 +31,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def rejection(self) -> bool:
+        """Whether tokens are drawn by the rejection sampler (speculative sampling), not by argmax or Gumbel-max."""
+        return not self.greedy and self.sampler == "rejection"
+
     def validate(self) -> SamplingParams:
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")

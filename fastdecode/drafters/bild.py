@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdecode.drafters.base import DraftContext, Proposal, Verdict, register
-from fastdecode.drafters.sps import SpeculativeSampling
+from fastdecode.drafters.sps import SpeculativeSampling, check_draft
 from fastdecode.sampling import SamplingParams, target_logprobs
 from fastdecode.verify import verify_tolerant
 
@@ -35,12 +35,7 @@ class BildOptions:
             raise ValueError("bild: num_draft must be >= 1")
         if not 0 <= self.fallback < 1:
             raise ValueError("bild: fallback must be in [0, 1)")
-        if self.draft:
-            from pathlib import Path
-
-            from fastdecode.models.draft import read_manifest
-
-            read_manifest(Path(self.draft).expanduser())
+        check_draft(self.draft)
 
 
 @register

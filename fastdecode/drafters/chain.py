@@ -63,12 +63,12 @@ def draft_chain(
     del state.fed[keep:]
     feed = [*ctx.tokens[keep:], *forced]
     pos = list(range(keep, n + len(forced)))
-    sampling = not ctx.params.greedy and ctx.params.sampler == "rejection"
+    sampling = ctx.params.rejection
     if sampling and state.generator is None:
         state.generator = torch.Generator().manual_seed((ctx.params.seed * 0x9E3779B1 + 0x1A7E5) & 0xFFFFFFFFFFFF)
     greedy_tokens = getattr(model, "greedy_tokens", None) if ctx.params.greedy else None
     vocab = getattr(model, "draft_vocab", None)  # a draft vocabulary: logit column i is token vocab[i]
-    vocab_ids: list[int] | None = None if vocab is None else getattr(model, "draft_vocab_ids", None) or vocab.tolist()
+    vocab_ids: list[int] | None = getattr(model, "draft_vocab_ids", None)  # the same ids on the host (models/draft.py)
     in_dev = getattr(model, "input_device", model.device)
     if forced and sampling:
         raise ValueError("given draft tokens have no draft distribution: the rejection sampler cannot verify them")

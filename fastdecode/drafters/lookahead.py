@@ -83,7 +83,7 @@ class Lookahead(Drafter):
     def propose(self, ctx: DraftContext) -> Proposal:
         self.index.update(ctx.tokens)
         self.start = len(ctx.tokens) - 1
-        if not ctx.params.greedy and ctx.params.sampler == "rejection":
+        if ctx.params.rejection:
             if self.generator is None:  # fresh noise per request, independent of the verifier's
                 mixed = ctx.params.seed * 0x9E3779B1 + self.options.seed * 0x85EBCA77 + 0x51D
                 self.generator = torch.Generator().manual_seed(mixed & 0xFFFFFFFFFFFF)

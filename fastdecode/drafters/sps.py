@@ -68,10 +68,15 @@ class SpsOptions:
     def validate(self) -> None:
         if self.num_draft < 1 or self.lookup < 0:
             raise ValueError("sps: num_draft must be >= 1 and lookup >= 0")
-        if self.draft:
-            from fastdecode.models.draft import read_manifest
+        check_draft(self.draft)
 
-            read_manifest(Path(self.draft).expanduser())  # a missing or foreign folder fails before any work
+
+def check_draft(path: str) -> None:
+    """A named draft folder that is missing or not an artifact fails at option parsing, before any work."""
+    if path:
+        from fastdecode.models.draft import read_manifest
+
+        read_manifest(Path(path).expanduser())
 
 
 @register
@@ -101,7 +106,7 @@ class SpeculativeSampling(Drafter):
             return Proposal()
         forced: list[int] = []
         lookup = getattr(self.options, "lookup", 0)  # bild has none
-        if lookup and not (not ctx.params.greedy and ctx.params.sampler == "rejection"):
+        if lookup and not ctx.params.rejection:
             self.index.update(ctx.tokens)
             found = self.index.continuations(ctx.tokens, min(lookup, ctx.max_depth, ctx.max_nodes), 1)
             forced = found[0] if found else []

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from fastdecode.models.llama import LlamaModel, ModelConfig, rope_tables
+from fastdecode.models.llama import LlamaModel, ModelConfig
 
 FORMAT = "fastdecode-draft/1"
 WEIGHTS = "draft.safetensors"
@@ -81,10 +81,11 @@ def draft_vocabulary(sequences: list[tuple[list[int], int]], size: int) -> torch
 
 
 def _share_target(draft: LlamaModel, target: Any, vocab: torch.Tensor | None = None) -> LlamaModel:
-    """Point the draft's embedding and LM head at the target's modules (frozen, never copied). With a draft
+    """Point the draft's embedding, LM head and RoPE tables at the target's (frozen, never copied). With a draft
     vocabulary the LM head is the target's rows for those tokens (a copy of size len(vocab) x hidden), and
     `draft.draft_vocab` maps its logit columns to token ids."""
     draft.embed_tokens = target.embed_tokens
+    draft.rope_cos, draft.rope_sin = target.rope_cos, target.rope_sin  # the same theta, head size and context
     if vocab is None:
         draft.lm_head = target.lm_head
     else:
@@ -116,7 +117,6 @@ def init_draft(target: Any, layers: list[int], dtype: torch.dtype = torch.float3
             state[f"layers.{i}.{name}"] = t.detach().to(dtype=dtype).clone()
     state["norm.weight"] = target.norm.weight.detach().to(dtype=dtype).clone()
     draft.load_state_dict(state, strict=False, assign=True)
-    draft.rope_cos, draft.rope_sin = (t.to(target.device) for t in rope_tables(cfg))
     draft = _share_target(draft, target)
     return draft.to(target.device)
 
@@ -190,7 +190,6 @@ def load_draft(path: str | Path, target: Any) -> LlamaModel:
     missing = [k for k in missing if not k.startswith(("embed_tokens.", "lm_head."))]
     if missing:
         raise ValueError(f"draft model {path}: {WEIGHTS} lacks {len(missing)} weights, e.g. {missing[0]}")
-    draft.rope_cos, draft.rope_sin = (t.to(eager.device) for t in rope_tables(cfg))
     draft = _share_target(draft, eager, vocab).eval()
     if eager.device.type == "cpu":
         draft.fuse_projections()
