@@ -386,9 +386,8 @@ def test_cli_checks_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture
         assert capsys.readouterr().err.startswith("fastdecode: error:")
 
 
-def test_transformers_peer_on_the_same_weights(tmp_path: Path) -> None:
-    """transformers `generate` on the tiny model's HF folder: the same greedy tokens as our ar."""
-    pytest.importorskip("accelerate")
+def tiny_hf_target(folder: Path) -> tuple[Any, LlamaModel]:
+    """A tiny random transformers Llama saved as a Hugging Face folder, and our model loaded from it (fp32)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fastdecode.models.loader import build_model, load_hf, resolve
@@ -399,10 +398,17 @@ def test_transformers_peer_on_the_same_weights(tmp_path: Path) -> None:
     hf = LlamaForCausalLM(config)
     with torch.no_grad():
         hf.lm_head.weight.mul_(20.0)
-    hf.save_pretrained(tmp_path / "model")
-    source = resolve(str(tmp_path / "model"))
+    hf.save_pretrained(folder)
+    source = resolve(str(folder))
     cfg, state = load_hf(source.path)
-    gen = Generator(build_model(cfg, state, torch.float32, "cpu"), ByteTokenizer(), source)  # type: ignore[arg-type]
+    return source, build_model(cfg, state, torch.float32, "cpu")
+
+
+def test_transformers_peer_on_the_same_weights(tmp_path: Path) -> None:
+    """transformers `generate` on the tiny model's HF folder: the same greedy tokens as our ar."""
+    pytest.importorskip("accelerate")
+    source, model = tiny_hf_target(tmp_path / "model")
+    gen = Generator(model, ByteTokenizer(), source)  # type: ignore[arg-type]
     notices: list[str] = []
     setup = peers_mod.PeerSetup(source, torch.float32, torch.device("cpu"), 1, ByteTokenizer.eos_ids, 1024)
     peers = peers_mod.make_peers(["transformers"], setup, notices.append)
@@ -440,21 +446,9 @@ def test_transformers_assisted_with_our_draft_artifact(tmp_path: Path) -> None:
     """A `train draft` artifact as transformers' assistant: the same logits as our draft model, and
     assisted generation returns ar's tokens."""
     pytest.importorskip("accelerate")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from fastdecode.models.draft import init_draft, load_draft, save_draft, target_info
-    from fastdecode.models.loader import build_model, load_hf, resolve
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, tie_word_embeddings=False)
-    hf = LlamaForCausalLM(config)
-    with torch.no_grad():
-        hf.lm_head.weight.mul_(20.0)
-    hf.save_pretrained(tmp_path / "model")
-    source = resolve(str(tmp_path / "model"))
-    cfg, state = load_hf(source.path)
-    model = build_model(cfg, state, torch.float32, "cpu")
+    source, model = tiny_hf_target(tmp_path / "model")
     save_draft(init_draft(model, [1]), tmp_path / "draft", {"target": target_info(model)}, dtype=torch.float32)
     ours = load_draft(tmp_path / "draft", model)
     hf_target = peers_mod.load_transformers_model(source, torch.float32, torch.device("cpu"))
