@@ -85,6 +85,19 @@ LOSSLESS_WHERE = (
 )
 
 
+def _artifacts(kind: str) -> str:
+    """A trained method's artifact: how to make one, and the ones that ship (target, held-out agreement, how trained)."""
+    from fastdecode.models.draft import shipped
+
+    parts = []
+    for folder, m in shipped(kind):
+        met = m.get("metrics", {})
+        parts.append(f"{folder.name} ({m.get('num_layers')} layers, held-out agreement {met.get('heldout_agreement')}, "
+                     f"{m.get('steps')} steps on {m.get('device')})")
+    ships = "; ships: " + "; ".join(parts) if parts else "; none ships"
+    return f"draft=PATH from `fastdecode train {kind}`{ships}"
+
+
 def cmd_methods() -> int:
     from fastdecode.drafters import get_method, method_names
 
@@ -96,6 +109,8 @@ def cmd_methods() -> int:
         if fields:
             opts = ", ".join(f"{f.name}={f.default}" for f in fields)
             print(f"{'':<12} options: {opts}")
+        if cls.artifact:
+            print(f"{'':<12} artifact: {_artifacts(cls.artifact)}")
     print(f"\n{LOSSLESS_WHERE}")
     return 0
 

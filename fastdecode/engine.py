@@ -193,10 +193,14 @@ class Engine:
 
         # 0. prefill: every prompt token but the last goes into the cache; the last one is pending
         with torch.inference_mode():
+            hidden = torch.zeros(1, 0, model.cfg.hidden_size, device=dev, dtype=model.dtype)
             if len(prompt_ids) > 1:
                 ids = torch.tensor([prompt_ids[:-1]], device=in_dev)
-                model(ids, torch.arange(ids.shape[1], device=in_dev)[None], cache, hidden_only=True)
+                _, hidden = model(ids, torch.arange(ids.shape[1], device=in_dev)[None], cache, hidden_only=True)
         drafter.reset(list(prompt_ids))
+        if drafter.features:  # a drafter on the target's features (EAGLE) reads the prompt's
+            with torch.inference_mode():
+                drafter.prefill(hidden[0])
         _sync(dev)
         stats.prefill_s = time.perf_counter() - t_start
 
@@ -240,7 +244,7 @@ class Engine:
             with torch.inference_mode():
                 ids = torch.tensor([row_tokens], device=in_dev)
                 pos = torch.tensor([row_pos], device=in_dev)
-                logits, _ = model(ids, pos, cache, None if mask is None else mask.to(in_dev)[None])
+                logits, hidden = model(ids, pos, cache, None if mask is None else mask.to(in_dev)[None])
                 logits = logits[0]  # (1+m+e, V)
                 # 3. the verdict: the longest valid path plus the bonus token
                 if generator is None:
@@ -261,7 +265,7 @@ class Engine:
             cache.compact(start, [start, *(start + 1 + j for j in verdict.path)])
             # 5. let the drafter adapt
             extra_logits = logits[1 + m :] if e else None
-            drafter.learn(StepResult(proposal, verdict, extra_logits, t2 - t0, logits[: 1 + m], t1 - t0))
+            drafter.learn(StepResult(proposal, verdict, extra_logits, t2 - t0, logits[: 1 + m], t1 - t0, hidden[0, : 1 + m]))
             # 6. emit, up to the first stop
             new = verdict.new_tokens
             before = len(out)

@@ -1,39 +1,60 @@
 #!/usr/bin/env bash
-# Make the training data and train the draft model on the device machine; results go to the folder given as $1.
-#   scripts/gpu_train.sh OUT [data] [draft] [check]      (default: all three)
+# Make the training data and train the drafters on the device machine.
+#   scripts/gpu_train.sh WORK [data] [draft] [eagle] [check] [bench] [pack OUT]   (default: data draft eagle check)
 # Expects the embedded model at /root/models/smollm2.gguf and the ShareGPT first turns at $SRC (default
 # /root/sharegpt.jsonl.gz, made by scripts/sharegpt_first_turns.py; or SRC=sharegpt with the package installed).
 #   data:  fastdecode train data  (COUNT, BATCH, DATA_TIMEOUT: a cut-off run keeps its finished shards)
-#   draft: fastdecode train draft (TRAIN_SECONDS of training, LAYERS); the artifact goes to OUT/draft
-#   check: a short greedy bench of ar, sps and bild with the new draft (13 prompts, 128 tokens)
+#   draft: fastdecode train draft (TRAIN_SECONDS of training, LAYERS, TRAIN_ARGS); the artifact goes to WORK/draft
+#   eagle: fastdecode train eagle (EAGLE_SECONDS, EAGLE_ARGS); the artifact goes to WORK/eagle
+#   check: a short greedy bench with the new artifacts (13 prompts, 128 tokens; CHECK_METHODS)
+#   bench: the Spec-Bench run of docs/benchmarks.md (PER_CATEGORY prompts a category, 256 tokens; BENCH_METHODS)
+#   pack OUT: the two weight files and one archive of everything else (logs, manifests, plots, bench results) to OUT
 set -uo pipefail
-out=${1:?usage: scripts/gpu_train.sh OUT [stage ...]}
+work=${1:?usage: scripts/gpu_train.sh WORK [stage ...]}
 shift
-stages=${*:-data draft check}
-mkdir -p "$out"
+stages=${*:-data draft eagle check}
+mkdir -p "$work"
 py=${PYTHON:-python3}
 model=${MODEL:-/root/models/smollm2.gguf}
 data=${DATA:-/root/train-data}
 export PYTHONUNBUFFERED=1 FASTDECODE_CACHE=${FASTDECODE_CACHE:-/tmp/fastdecode-cache}
 status=0
-{ date -u; nvidia-smi --query-gpu=name,driver_version --format=csv; "$py" -c 'import torch; print(torch.__version__)'; } > "$out/machine.txt" 2>&1
-for stage in $stages; do
+{ date -u; nvidia-smi --query-gpu=name,driver_version --format=csv; "$py" -c 'import torch; print(torch.__version__)'; } > "$work/machine.txt" 2>&1
+opts_for() {  # --opt METHOD.draft=... for the trained methods in the list $1 (bench refuses options of absent methods)
+  local o=""
+  for m in sps bild; do case ",$1" in *,$m*) o="$o --opt $m.draft=$work/draft" ;; esac; done
+  case ",$1" in *,eagle*) o="$o --opt eagle.draft=$work/eagle" ;; esac
+  echo "$o"
+}
+set -- $stages
+while [ $# -gt 0 ]; do
+  stage=$1; shift
   echo "== $stage $(date -u +%H:%M:%S)"
   case $stage in
     data)  t0=$(date +%s)
            timeout "${DATA_TIMEOUT:-300}" "$py" -m fastdecode train data --model "$model" --device cuda --out "$data" --source "${SRC:-/root/sharegpt.jsonl.gz}" \
-             --count "${COUNT:-6000}" --held-out 200 --batch-size "${BATCH:-128}" --shard-size 500 --no-progress > "$out/data.log" 2>&1 || status=1
-           echo "data: $(( $(date +%s) - t0 )) s"; tail -3 "$out/data.log"
-           cp "$data/manifest.json" "$out/data-manifest.json" ;;
-    draft) t0=$(date +%s)
-           "$py" -m fastdecode train draft --model "$model" --device cuda --data "$data" --out "$out/draft" --layers "${LAYERS:-2}" \
-             --steps 100000 --time-limit "${TRAIN_SECONDS:-240}" ${TRAIN_ARGS:-} --no-progress > "$out/train.log" 2>&1 || status=1
-           echo "draft: $(( $(date +%s) - t0 )) s"; tail -4 "$out/train.log"
-           rm -f "$out/draft/checkpoint.pt" ;;  # optimizer state: too big to come back, not part of the artifact
-    check) "$py" -m fastdecode bench --model "$model" --device cuda --dtype bf16 --methods "${CHECK_METHODS:-ar,pld,sps,bild}" \
-             --opt sps.draft="$out/draft" --opt bild.draft="$out/draft" --per-category 1 --max-turns 1 --max-new-tokens 128 \
-             --out "$out/check" --no-progress > "$out/check.log" 2>&1 || status=1
-           tail -20 "$out/check.log" ;;
+             --count "${COUNT:-6000}" --held-out 200 --batch-size "${BATCH:-128}" --shard-size 500 --no-progress > "$work/data.log" 2>&1 || status=1
+           echo "data: $(( $(date +%s) - t0 )) s"; tail -3 "$work/data.log"
+           cp "$data/manifest.json" "$work/data-manifest.json" ;;
+    draft|eagle)
+           t0=$(date +%s)
+           if [ "$stage" = draft ]; then secs=${TRAIN_SECONDS:-240}; extra="--layers ${LAYERS:-2} ${TRAIN_ARGS:-}"; else secs=${EAGLE_SECONDS:-240}; extra=${EAGLE_ARGS:-}; fi
+           "$py" -m fastdecode train "$stage" --model "$model" --device cuda --data "$data" --out "$work/$stage" $extra \
+             --steps 100000 --time-limit "$secs" --no-progress > "$work/train-$stage.log" 2>&1 || status=1
+           echo "$stage: $(( $(date +%s) - t0 )) s"; tail -4 "$work/train-$stage.log"
+           rm -f "$work/$stage/checkpoint.pt" ;;  # optimizer state: too big to come back, not part of the artifact
+    check) m=${CHECK_METHODS:-ar,pld,sps,eagle}
+           "$py" -m fastdecode bench --model "$model" --device cuda --dtype bf16 --methods "$m" $(opts_for "$m") \
+             --per-category 1 --max-turns 1 --max-new-tokens 128 --out "$work/check" --no-progress > "$work/check.log" 2>&1 || status=1
+           tail -20 "$work/check.log" ;;
+    bench) m=${BENCH_METHODS:-ar,pld,sps,sps[lookup=8],bild,eagle}
+           "$py" -m fastdecode bench --model "$model" --device cuda --dtype bf16 --methods "$m" $(opts_for "$m") \
+             --per-category "${PER_CATEGORY:-10}" --max-turns 1 --max-new-tokens 256 --out "$work/bench" --no-progress > "$work/bench.log" 2>&1 || status=1
+           tail -30 "$work/bench.log" ;;
+    pack)  out=${1:?pack needs OUT}; shift
+           for k in draft eagle; do [ -f "$work/$k/draft.safetensors" ] && cp "$work/$k/draft.safetensors" "$out/$k.safetensors"; done
+           tar czf "$out/results.tgz" --exclude='*.safetensors' --exclude='checkpoint.pt' -C "$(dirname "$work")" "$(basename "$work")"
+           ls -la "$out" ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
 done

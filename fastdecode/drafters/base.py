@@ -119,6 +119,7 @@ class StepResult:
     step_seconds: float  # drafting + verification of this step, as the engine measured it
     logits: torch.Tensor | None = None  # (1+m, V) fp32: the target's logits for the pending row and the draft rows
     draft_seconds: float = 0.0  # the drafting part of step_seconds
+    hidden: torch.Tensor | None = None  # (1+m, D): the target's final hidden states of those rows (read before the next forward)
 
 
 class Drafter:
@@ -127,6 +128,8 @@ class Drafter:
     name: ClassVar[str]
     description: ClassVar[str]
     lossless: ClassVar[bool] = True
+    artifact: ClassVar[str] = ""  # the kind of trained artifact it drafts with (models/draft.py: "draft", "eagle"), if any
+    features: ClassVar[bool] = False  # True: the engine calls `prefill` with the target's hidden states of the prompt
     Options: ClassVar[type]
 
     def __init__(self, options: Any):
@@ -134,6 +137,10 @@ class Drafter:
 
     def reset(self, prompt_tokens: list[int]) -> None:
         """Called once per generation, before the first `propose`."""
+
+    def prefill(self, hidden: torch.Tensor) -> None:
+        """Drafters with `features = True` only: the target's final hidden states (P-1, D) of the prompt's
+        tokens but the last (the pending one), after `reset`. Read them before the first `propose` returns."""
 
     def propose(self, ctx: DraftContext) -> Proposal:
         raise NotImplementedError

@@ -41,6 +41,31 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def draft_generator(state: ChainState, params: Any) -> torch.Generator | None:
+    """The rejection sampler's generator for the draft's draws (seeded from the request's seed), else None."""
+    if params.rejection and state.generator is None:
+        state.generator = torch.Generator().manual_seed((params.seed * 0x9E3779B1 + 0x1A7E5) & 0xFFFFFFFFFFFF)
+    return state.generator if params.rejection else None
+
+
+def pick_token(model: Any, row: torch.Tensor, position: torch.Tensor, ctx: DraftContext, generator: torch.Generator | None,
+               ) -> tuple[int, torch.Tensor | None]:
+    """The draft's token from its logits `row` (over its vocabulary) at `position`, and for the rejection sampler
+    the distribution it was drawn from (over the target's vocabulary): greedy by argmax, the Gumbel sampler by
+    the target's (seed, position) noise, the rejection sampler by a draw from its own distribution."""
+    vocab = getattr(model, "draft_vocab", None)  # a draft vocabulary: logit column i is token vocab[i]
+    vocab_ids: list[int] | None = getattr(model, "draft_vocab_ids", None)  # the same ids on the host (models/draft.py)
+    if ctx.params.greedy:
+        col = int(row.argmax())  # over the vocabulary's ascending ids: ties alike
+        return (col if vocab_ids is None else vocab_ids[col]), None
+    if vocab is not None:  # back to the target's token ids: tokens outside the draft vocabulary get -inf
+        row = row.new_full((ctx.vocab_size,), float("-inf")).index_copy_(0, vocab, row)
+    if generator is not None:
+        q = target_probs(row, ctx.params)
+        return int(torch.multinomial(q.cpu(), 1, generator=generator)), q
+    return int(choose_tokens(row, position.to(row.device), ctx.params)), None
+
+
 def draft_chain(
     model: Any,  # a LlamaModel or a GraphRunner
     state: ChainState,
@@ -63,14 +88,11 @@ def draft_chain(
     del state.fed[keep:]
     feed = [*ctx.tokens[keep:], *forced]
     pos = list(range(keep, n + len(forced)))
-    sampling = ctx.params.rejection
-    if sampling and state.generator is None:
-        state.generator = torch.Generator().manual_seed((ctx.params.seed * 0x9E3779B1 + 0x1A7E5) & 0xFFFFFFFFFFFF)
+    generator = draft_generator(state, ctx.params)
     greedy_tokens = getattr(model, "greedy_tokens", None) if ctx.params.greedy else None
-    vocab = getattr(model, "draft_vocab", None)  # a draft vocabulary: logit column i is token vocab[i]
-    vocab_ids: list[int] | None = getattr(model, "draft_vocab_ids", None)  # the same ids on the host (models/draft.py)
+    vocab_ids: list[int] | None = getattr(model, "draft_vocab_ids", None)
     in_dev = getattr(model, "input_device", model.device)
-    if forced and sampling:
+    if forced and generator is not None:
         raise ValueError("given draft tokens have no draft distribution: the rejection sampler cannot verify them")
     drafts: list[int] = list(forced)
     qs: list[torch.Tensor] = []
@@ -84,19 +106,11 @@ def draft_chain(
         state.fed.extend(feed)
         forwards += 1
         row = logits[0, -1]  # the draft's distribution for position pos[-1] + 1 (over its vocabulary)
-        q = None
-        if ctx.params.greedy:  # the argmax: read from the graph when it computed it, mapped to a token id on the host
-            choice = greedy_tokens(len(feed)) if greedy_tokens is not None else None
-            col = int(choice[-1]) if choice else int(row.argmax())  # over the vocabulary's ascending ids: ties alike
-            tok = col if vocab_ids is None else vocab_ids[col]
+        choice = greedy_tokens(len(feed)) if greedy_tokens is not None else None
+        if choice:  # greedy, the argmax read from the graph that computed it, mapped to a token id on the host
+            tok, q = (int(choice[-1]) if vocab_ids is None else vocab_ids[int(choice[-1])]), None
         else:
-            if vocab is not None:  # back to the target's token ids: tokens outside the draft vocabulary get -inf
-                row = row.new_full((ctx.vocab_size,), float("-inf")).index_copy_(0, vocab, row)
-            if sampling:
-                q = target_probs(row, ctx.params)
-                tok = int(torch.multinomial(q.cpu(), 1, generator=state.generator))
-            else:
-                tok = int(choose_tokens(row, positions[0, -1].to(row.device), ctx.params))
+            tok, q = pick_token(model, row, positions[0, -1], ctx, generator)
         confident = True
         if min_confidence > 0:
             confident = float(torch.softmax(row.float(), -1).max()) >= min_confidence

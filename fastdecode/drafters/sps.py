@@ -28,29 +28,31 @@ from fastdecode.drafters.pld import NgramIndex
 _LOADED: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()  # target -> {draft folder: draft}
 
 
-def resolve_draft(target: Any, path: str) -> Path:
-    """The artifact to use: `path`, or the shipped draft whose target this model is."""
-    from fastdecode.models.draft import EMBEDDED_DRAFTS, WEIGHTS, read_manifest, same_target
+def resolve_draft(target: Any, path: str, kind: str = "draft") -> Path:
+    """The artifact to use: `path`, or the shipped artifact of this kind whose target this model is."""
+    from fastdecode.models.draft import same_target, shipped
 
     if path:
         return Path(path).expanduser()
     eager = getattr(target, "eager_model", target)
-    for folder in EMBEDDED_DRAFTS.values():
-        if (folder / WEIGHTS).is_file() and same_target(read_manifest(folder).get("target", {}), eager) is None:
+    for folder, manifest in shipped(kind):
+        if same_target(manifest.get("target", {}), eager) is None:
             return folder
-    raise ValueError("no draft model ships for this target: train one with `fastdecode train draft` and pass draft=PATH")
+    what = "an EAGLE drafter" if kind == "eagle" else "a draft model"
+    raise ValueError(f"no {what} ships for this target: train one with `fastdecode train {kind}` and pass draft=PATH")
 
 
-def draft_model(target: Any, path: str) -> Any:
-    """The draft model for `target` (loaded once per process): a GraphRunner of its own where the target has one."""
+def draft_model(target: Any, path: str, kind: str = "draft") -> Any:
+    """The draft model (or EAGLE drafter) for `target`, loaded once per process. A draft model replays CUDA
+    graphs of its own where the target does; an EAGLE drafter runs eagerly (its graphs would need feature inputs)."""
     from fastdecode.models.draft import load_draft
 
-    folder = resolve_draft(target, path)
+    folder = resolve_draft(target, path, kind)
     key = str(folder.resolve())
     loaded = _LOADED.setdefault(target, {})  # dies with the target: a new model never gets another's draft
     if key not in loaded:
-        model: Any = load_draft(folder, target)
-        if hasattr(target, "eager_model"):  # the target replays CUDA graphs: so does the draft
+        model: Any = load_draft(folder, target, kind)
+        if kind == "draft" and hasattr(target, "eager_model"):  # the target replays CUDA graphs: so does the draft
             from fastdecode.cuda_graphs import GraphRunner
 
             model = GraphRunner(model, verbose=getattr(target, "verbose", None))
@@ -71,12 +73,13 @@ class SpsOptions:
         check_draft(self.draft)
 
 
-def check_draft(path: str) -> None:
-    """A named draft folder that is missing or not an artifact fails at option parsing, before any work."""
+def check_draft(path: str, kind: str = "draft") -> None:
+    """A named draft folder that is missing, not an artifact or of another kind fails at option parsing, before any work."""
     if path:
-        from fastdecode.models.draft import read_manifest
+        from fastdecode.models.draft import check_kind, read_manifest
 
-        read_manifest(Path(path).expanduser())
+        folder = Path(path).expanduser()
+        check_kind(folder, read_manifest(folder), kind)
 
 
 @register
@@ -84,6 +87,7 @@ class SpeculativeSampling(Drafter):
     name = "sps"
     description = "speculative sampling with a trained draft model (fastdecode train draft; one ships for smollm2)"
     lossless = True
+    artifact = "draft"
     Options = SpsOptions
 
     def __init__(self, options: Any):

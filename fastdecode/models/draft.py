@@ -27,7 +27,8 @@ from fastdecode.models.llama import LlamaModel, ModelConfig
 FORMAT = "fastdecode-draft/1"
 WEIGHTS = "draft.safetensors"
 MANIFEST = "manifest.json"
-EMBEDDED_DRAFTS = {"smollm2": Path(__file__).resolve().parent.parent / "drafts" / "smollm2"}  # shipped with the package
+_SHIPPED = Path(__file__).resolve().parent.parent / "drafts"
+EMBEDDED_DRAFTS = {"smollm2": _SHIPPED / "smollm2", "smollm2-eagle": _SHIPPED / "smollm2-eagle"}  # shipped with the package
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "rope_theta", "arch")
 _SAMPLE = 256  # embedding values recorded to recognise the target
 
@@ -80,6 +81,40 @@ def draft_vocabulary(sequences: list[tuple[list[int], int]], size: int) -> torch
     return torch.tensor(sorted(ranked), dtype=torch.long)
 
 
+class FeatureDraft(LlamaModel):
+    """An EAGLE drafter (Li et al. 2024): Llama layers over the target's features. Row i's input is
+    `fc([f_i ; embed(t_{i+1})])`, the target's final hidden state at position i beside the embedding of the
+    token that followed it; its output predicts f_{i+1}, whose LM-head row is the draft's distribution for
+    t_{i+2}. Drafting is autoregressive in feature space: a drafted row's output is the next row's f."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        from fastdecode.models.llama import Linear
+
+        self.fc = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=True)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Any,
+        mask: torch.Tensor | None = None,
+        num_logits: int | None = None,
+        layers: Any = None,
+        hidden_only: bool = False,
+        key_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,  # (B, T, D): the target's feature at each row's position
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if features is None or features.shape[:2] != tokens.shape:
+            raise ValueError("an EAGLE draft needs the target's features, a row per token")
+        x = self.fc(torch.cat((features.to(self.fc.weight.dtype), self.embed_tokens(tokens).to(self.fc.weight.dtype)), -1))
+        return super().forward(tokens, positions, cache, mask, num_logits, layers, hidden_only, key_mask, inputs_embeds=x)
+
+
+KINDS = {"draft": LlamaModel, "eagle": FeatureDraft}  # the manifest's "kind": what the weights are
+
+
 def _share_target(draft: LlamaModel, target: Any, vocab: torch.Tensor | None = None) -> LlamaModel:
     """Point the draft's embedding, LM head and RoPE tables at the target's (frozen, never copied). With a draft
     vocabulary the LM head is the target's rows for those tokens (a copy of size len(vocab) x hidden), and
@@ -121,9 +156,27 @@ def init_draft(target: Any, layers: list[int], dtype: torch.dtype = torch.float3
     return draft.to(target.device)
 
 
+def init_eagle(target: Any, layers: list[int], dtype: torch.dtype = torch.float32) -> FeatureDraft:
+    """A trainable EAGLE drafter: copies of the target's `layers` and final norm, and an `fc` that starts by
+    passing the token embedding through (its feature half zero): at step 0 it is a draft model on the
+    embeddings, and training teaches it to read the features."""
+    plain = init_draft(target, layers, dtype)
+    with torch.device("meta"):
+        draft = FeatureDraft(plain.cfg)
+    D = plain.cfg.hidden_size
+    state = {k: v for k, v in plain.state_dict().items() if k.startswith(("layers.", "norm."))}
+    fc_w = torch.zeros(D, 2 * D, dtype=dtype, device=plain.device)
+    fc_w[:, D:] = torch.eye(D, dtype=dtype, device=plain.device)
+    state |= {"fc.weight": fc_w, "fc.bias": torch.zeros(D, dtype=dtype, device=plain.device)}
+    draft.load_state_dict(state, strict=False, assign=True)
+    _share_target(draft, getattr(target, "eager_model", target))
+    return draft.to(plain.device)
+
+
 def trainable_state(draft: LlamaModel) -> dict[str, torch.Tensor]:
-    """The draft's own weights (layers and final norm), without the target's shared embedding and LM head."""
-    return {k: v for k, v in draft.state_dict().items() if k.startswith(("layers.", "norm."))}
+    """The draft's own weights (layers, final norm, an EAGLE drafter's fc), without the target's shared
+    embedding and LM head."""
+    return {k: v for k, v in draft.state_dict().items() if k.startswith(("layers.", "norm.", "fc."))}
 
 
 def save_draft(
@@ -139,7 +192,8 @@ def save_draft(
         state["draft_vocab"] = vocab.to(device="cpu", dtype=torch.long).contiguous()
         manifest = {**manifest, "draft_vocab": len(vocab)}
     save_file(state, str(out / WEIGHTS))
-    manifest = {"format": FORMAT, "num_layers": draft.cfg.num_layers, **manifest}
+    kind = "eagle" if isinstance(draft, FeatureDraft) else "draft"
+    manifest = {"format": FORMAT, "kind": kind, "num_layers": draft.cfg.num_layers, **manifest}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return out
 
@@ -156,21 +210,38 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise ValueError(f"draft model {path}: {MANIFEST} is not valid JSON ({e})") from None
     if manifest.get("format") != FORMAT:
         raise ValueError(f"draft model {path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("kind", "draft") not in KINDS:
+        raise ValueError(f"draft model {path}: kind {manifest.get('kind')!r}, expected one of {', '.join(KINDS)}")
     return manifest
 
 
-def default_draft(target_name: str | None) -> Path | None:
-    """The draft shipped for an embedded model, if there is one."""
-    path = EMBEDDED_DRAFTS.get(target_name or "")
-    return path if path is not None and (path / WEIGHTS).is_file() else None
+def shipped(kind: str) -> list[tuple[Path, dict[str, Any]]]:
+    """The artifacts of this kind that ship with the package, with their manifests."""
+    out = []
+    for folder in EMBEDDED_DRAFTS.values():
+        if (folder / WEIGHTS).is_file():
+            manifest = read_manifest(folder)
+            if manifest.get("kind", "draft") == kind:
+                out.append((folder, manifest))
+    return out
 
 
-def load_draft(path: str | Path, target: Any) -> LlamaModel:
-    """The draft model at `path` on the target's device and dtype, sharing its embedding and LM head."""
+def check_kind(path: Path, manifest: dict[str, Any], kind: str) -> None:
+    """A method's artifact must be of its kind: `sps` takes a draft model, `eagle` an EAGLE drafter."""
+    have = manifest.get("kind", "draft")
+    if have != kind:
+        made = {"draft": "fastdecode train draft", "eagle": "fastdecode train eagle"}[kind]
+        raise ValueError(f"{path} is a {have!r} artifact, this method needs a {kind!r} one ({made})")
+
+
+def load_draft(path: str | Path, target: Any, kind: str = "draft") -> LlamaModel:
+    """The draft model (or, with kind="eagle", the EAGLE drafter) at `path` on the target's device and
+    dtype, sharing its embedding and LM head."""
     from safetensors.torch import load_file
 
     path = Path(path).expanduser()
     manifest = read_manifest(path)
+    check_kind(path, manifest, kind)
     eager = getattr(target, "eager_model", target)
     why = same_target(manifest.get("target", {}), eager)
     if why is not None:
@@ -184,7 +255,7 @@ def load_draft(path: str | Path, target: Any) -> LlamaModel:
         raise ValueError(f"draft model {path}: its draft_vocab is not a list of the target's token ids")
     cfg = draft_config(eager.cfg, int(manifest["num_layers"]), None if vocab is None else len(vocab))
     with torch.device("meta"):
-        draft = LlamaModel(cfg)
+        draft = KINDS[kind](cfg)
     state = {k: v.to(device=eager.device, dtype=eager.dtype) for k, v in state.items()}
     missing = draft.load_state_dict(state, strict=False, assign=True).missing_keys
     missing = [k for k in missing if not k.startswith(("embed_tokens.", "lm_head."))]

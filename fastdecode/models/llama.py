@@ -411,11 +411,12 @@ class LlamaModel(nn.Module):
         tokens: torch.Tensor,  # (B, T) token ids of the new rows
         positions: torch.Tensor,  # (B, T) absolute positions of the new rows
         cache: KVCache,  # rows are written at cache.length .. cache.length+T-1, then cache.length += T
-        mask: torch.Tensor | None = None,  # (B, T, T) bool among the new rows; None = causal. The cache is always visible.
+        mask: torch.Tensor | None = None,  # (B, T, T) bool among the new rows (the cache visible) or (B, T, start+T); None = causal
         num_logits: int | None = None,  # compute logits for the last `num_logits` rows only (None = all)
         layers: Sequence[int] | None = None,  # run only these layers (cache layer i holds layers[i]); None = all
         hidden_only: bool = False,
         key_mask: torch.Tensor | None = None,  # (B, start+T) bool: cache slots each sequence may see (left-padded batches)
+        inputs_embeds: torch.Tensor | None = None,  # (B, T, D): the rows' input vectors instead of the tokens' embeddings (EAGLE)
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         B, T = tokens.shape
         start = cache.length
@@ -423,16 +424,20 @@ class LlamaModel(nn.Module):
             raise ValueError(f"key_mask must be (batch, cache rows + new rows) = {(B, start + T)}, got {tuple(key_mask.shape)}")
         if start + T > cache.max_len:
             raise ValueError(f"the KV cache holds {cache.max_len} rows; {start} used, {T} more asked")
-        x = self.embed_tokens(tokens)  # (B, T, D)
+        x = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         cos = self.rope_cos[positions].to(x.dtype)[:, None]  # (B, 1, T, hd)
         sin = self.rope_sin[positions].to(x.dtype)[:, None]
         full_mask: torch.Tensor | None = None  # None with T == 1: the row sees the whole cache
         # CPU bf16: every layer reads the cache through one plan, row-invariant (see PositionPlan). Not for a
         # prefill (hidden_only): every method prefills the same prompt the same way, and SDPA is faster there
         rep = self.cfg.num_heads // self.cfg.num_kv_heads
-        invariant = row_invariant(x, B * T) and not hidden_only and key_mask is None
+        whole = mask is not None and mask.shape[-1] == start + T and start > 0  # a mask over the cache too (a drafter's tree)
+        invariant = row_invariant(x, B * T) and not hidden_only and key_mask is None and not whole
         plan = position_plan(positions, mask, start, rep) if invariant else None
-        if plan is None and (T > 1 or key_mask is not None):
+        if whole:
+            assert mask is not None and key_mask is None
+            full_mask = mask[:, None]
+        elif plan is None and (T > 1 or key_mask is not None):
             if mask is None:
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril_()[None].expand(B, T, T)
             if key_mask is None:

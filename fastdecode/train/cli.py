@@ -1,4 +1,4 @@
-"""`fastdecode train data` and `fastdecode train draft`: thin. Check what needs no model, load, run."""
+"""`fastdecode train data`, `fastdecode train draft` and `fastdecode train eagle`: thin. Check what needs no model, load, run."""
 
 from __future__ import annotations
 
@@ -39,28 +39,36 @@ def add_train_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(run=run_data)
 
-    r = tsub.add_parser("draft", help="distil a small draft model (for sps, bild) from the target on `train data` output")
-    add_model_args(r)
     ts = TrainSettings()
-    r.add_argument("--data", required=True, help="a folder made by `fastdecode train data`")
-    r.add_argument("--out", required=True, help="the artifact folder (draft.safetensors, manifest.json, training.png)")
-    r.add_argument("--layers", type=int, default=ts.layers, help=f"decoder layers of the draft (default {ts.layers})")
-    r.add_argument("--init-layers", type=_ints, default=ts.init_layers, help="target layers it starts from (default: the first --layers)")
-    r.add_argument("--steps", type=int, default=ts.steps)
-    r.add_argument("--batch-tokens", type=int, default=ts.batch_tokens)
-    r.add_argument("--max-len", type=int, default=ts.max_len)
-    r.add_argument("--lr", type=float, default=ts.lr)
-    r.add_argument("--warmup", type=int, default=ts.warmup)
-    r.add_argument("--eval-every", type=int, default=ts.eval_every)
-    r.add_argument("--eval-sequences", type=int, default=ts.eval_sequences, help="held-out sequences scored per evaluation")
-    r.add_argument("--save-every", type=int, default=ts.save_every)
-    r.add_argument("--seed", type=int, default=ts.seed)
-    r.add_argument("--draft-vocab", type=int, default=ts.draft_vocab,
-                   help=f"LM head rows the draft keeps: the most frequent answer tokens (default {ts.draft_vocab}; 0: all)")
-    r.add_argument("--time-limit", type=float, default=ts.time_limit, help="seconds of training, then save and stop (default: none)")
-    r.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    r.add_argument("--no-progress", action="store_true")
-    r.set_defaults(run=run_draft)
+    for kind, helptext in (("draft", "distil a small draft model (for sps, bild) from the target on `train data` output"),
+                           ("eagle", "train an EAGLE drafter (for eagle) on the target's features, on `train data` output")):
+        r = tsub.add_parser(kind, help=helptext)
+        add_model_args(r)
+        layers = 1 if kind == "eagle" else ts.layers
+        r.add_argument("--data", required=True, help="a folder made by `fastdecode train data`")
+        r.add_argument("--out", required=True, help="the artifact folder (draft.safetensors, manifest.json, training.png)")
+        r.add_argument("--layers", type=int, default=layers, help=f"decoder layers of the draft (default {layers})")
+        r.add_argument("--init-layers", type=_ints, default=ts.init_layers, help="target layers it starts from (default: the first)")
+        r.add_argument("--steps", type=int, default=ts.steps)
+        r.add_argument("--batch-tokens", type=int, default=ts.batch_tokens)
+        r.add_argument("--max-len", type=int, default=ts.max_len)
+        r.add_argument("--lr", type=float, default=ts.lr)
+        r.add_argument("--warmup", type=int, default=ts.warmup)
+        r.add_argument("--eval-every", type=int, default=ts.eval_every)
+        r.add_argument("--eval-sequences", type=int, default=ts.eval_sequences, help="held-out sequences scored per evaluation")
+        r.add_argument("--save-every", type=int, default=ts.save_every)
+        r.add_argument("--seed", type=int, default=ts.seed)
+        r.add_argument("--draft-vocab", type=int, default=ts.draft_vocab,
+                       help=f"LM head rows the draft keeps: the most frequent answer tokens (default {ts.draft_vocab}; 0: all)")
+        r.add_argument("--time-limit", type=float, default=ts.time_limit, help="seconds of training, then save and stop (default: none)")
+        if kind == "eagle":
+            r.add_argument("--feature-weight", type=float, default=ts.feature_weight,
+                           help=f"weight of the feature regression beside the KL (default {ts.feature_weight})")
+            r.add_argument("--unroll", type=int, default=ts.unroll,
+                           help=f"training passes over its own predicted features (default {ts.unroll}: teacher-forced only)")
+        r.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+        r.add_argument("--no-progress", action="store_true")
+        r.set_defaults(run=run_draft, kind=kind)
 
 
 def _command(argv_name: str) -> str:
@@ -96,13 +104,15 @@ def run_draft(args: argparse.Namespace) -> int:
     settings = TrainSettings(layers=args.layers, init_layers=args.init_layers, steps=args.steps, batch_tokens=args.batch_tokens,
                              max_len=args.max_len, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every,
                              eval_sequences=args.eval_sequences, save_every=args.save_every, seed=args.seed,
-                             time_limit=args.time_limit, draft_vocab=args.draft_vocab)
+                             time_limit=args.time_limit, draft_vocab=args.draft_vocab, kind=args.kind,
+                             **{k: getattr(args, k) for k in ("feature_weight", "unroll") if hasattr(args, k)})
     settings.validate()
     read_manifest(Path(args.data))  # bad data fails before the load
     gen = _load(args)
-    m = train_draft(gen.model, Path(args.data), Path(args.out), settings, _command("draft"), args.resume, not args.no_progress)
+    m = train_draft(gen.model, Path(args.data), Path(args.out), settings, _command(args.kind), args.resume, not args.no_progress)
     met = m["metrics"]
-    print(f"draft model in {args.out}: {m['steps']} steps, {m['tokens_seen']} tokens, {m['train_seconds']:.0f} s; "
+    what = "EAGLE drafter" if args.kind == "eagle" else "draft model"
+    print(f"{what} in {args.out}: {m['steps']} steps, {m['tokens_seen']} tokens, {m['train_seconds']:.0f} s; "
           f"held-out agreement {met['heldout_agreement']:.3f}, "
           f"accepted per step (depth {met['chain_depth']}) {met['heldout_accepted_per_step']:.2f}")
     return 0

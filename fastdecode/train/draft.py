@@ -12,6 +12,13 @@ tokens, and the mean accepted length of a greedy chain draft of depth k computed
 (exact for greedy decoding: the sequences are the target's greedy answers). A checkpoint is written
 every `save_every` steps (`--resume` continues it); the artifact (`draft.safetensors` + `manifest.json`,
 bf16) and a loss/agreement plot are written at the end, or when `time_limit` runs out.
+
+`kind="eagle"` (`fastdecode train eagle`) trains an EAGLE drafter (models/draft.py, FeatureDraft) the same
+way: its row i reads the target's feature f_i and token t_{i+1} and is trained to give the target's
+distribution at i+1 (the KL above) and f_{i+1} itself (smooth L1, weight `feature_weight`). With
+`unroll=2` it is also trained one step further on its own predicted features (a second pass whose rows read
+the first pass's outputs: the situation of every drafted token after the first). Its held-out agreement is
+that of the first drafted token (teacher-forced features); the chain estimate is then an upper bound.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fastdecode.models.draft import draft_vocabulary, init_draft, save_draft, target_info, trainable_state
+from fastdecode.models.draft import draft_vocabulary, init_draft, init_eagle, save_draft, target_info, trainable_state
 from fastdecode.train.data import data_hash, load_split, read_manifest
 
 CHECKPOINT = "checkpoint.pt"
@@ -50,6 +57,9 @@ class TrainSettings:
     seed: int = 0
     time_limit: float = 0.0  # seconds of training before stopping early and saving (0: none)
     draft_vocab: int = 8192  # LM head rows kept: the most frequent answer tokens (0: the whole vocabulary)
+    kind: str = "draft"  # "draft" (a draft model on tokens) or "eagle" (a drafter on the target's features)
+    feature_weight: float = 1.0  # eagle: weight of the feature regression beside the KL
+    unroll: int = 1  # eagle: passes over its own predicted features in training (1: teacher-forced only)
 
     def validate(self) -> None:
         if self.layers < 1:
@@ -64,6 +74,10 @@ class TrainSettings:
             raise ValueError(f"draft_vocab must be >= 0, got {self.draft_vocab}")
         if self.eval_every < 1 or self.save_every < 1 or self.eval_sequences < 1 or self.chain_depth < 1:
             raise ValueError("eval_every, save_every, eval_sequences and chain_depth must be >= 1")
+        if self.kind not in ("draft", "eagle"):
+            raise ValueError(f"kind must be draft or eagle, got {self.kind!r}")
+        if self.feature_weight < 0 or not 1 <= self.unroll <= 4:
+            raise ValueError("feature_weight must be >= 0 and unroll in 1..4")
 
 
 def batches(seqs: list[tuple[list[int], int]], settings: TrainSettings, rng: random.Random) -> list[list[int]]:
@@ -121,6 +135,30 @@ def hidden_states(model: Any, ids: torch.Tensor) -> torch.Tensor:
     return hidden
 
 
+def draft_rows(draft: Any, ids: torch.Tensor, valid: torch.Tensor, target_hidden: torch.Tensor, unroll: int = 1,
+               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The draft's hidden states beside the rows of the target's they stand for: a list of (hidden (N, D),
+    rows (B, T) bool) whose i-th hidden row predicts what the target's i-th selected row does (the next token).
+    A draft model: one pass over the tokens, every valid row. An EAGLE drafter: pass 1 reads (f_i, t_{i+1})
+    and stands for row i+1; pass u reads pass u-1's outputs as its features, one row further on."""
+    if not hasattr(draft, "fc"):
+        return [(hidden_states(draft, ids)[valid], valid)]
+    out = []
+    feats = target_hidden
+    for u in range(1, unroll + 1):
+        B, T = ids.shape
+        if T <= u:
+            break
+        cache = LayerCaches(draft, B, T - u, draft.dtype)
+        pos = torch.arange(T - u, device=ids.device)[None].expand(B, T - u)
+        _, h = draft(ids[:, u:], pos, cache, hidden_only=True, features=feats[:, : T - u])  # row i stands for row i+u
+        rows = torch.zeros_like(valid)
+        rows[:, u:] = valid[:, u:]
+        out.append((h[valid[:, u:]], rows))
+        feats = h
+    return out
+
+
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """fp32 logits of the selected rows `hidden` (N, D) over the LM-head rows `weight` (V', D)."""
     return F.linear(hidden, weight).float()
@@ -150,8 +188,10 @@ def evaluate(
         batch = order[b : b + 16]
         ids, valid = collate(seqs, batch, settings.max_len, dev)
         with autocast():
-            tl = head_logits(hidden_states(target, ids)[valid], full_w)  # (N, V): rows of the valid positions
-            dl = head_logits(hidden_states(draft, ids)[valid], sub_w)
+            th = hidden_states(target, ids)
+            (dh, valid), *_ = draft_rows(draft, ids, valid, th)  # the first drafted token's rows
+            tl = head_logits(th[valid], full_w)  # (N, V): rows the draft predicts
+            dl = head_logits(dh, sub_w)
         tl_sub = tl if vocab is None else tl[:, vocab]
         kl_sum += float(kl_loss(tl_sub, dl)) * len(tl)
         kl_n += len(tl)
@@ -245,7 +285,7 @@ def train_draft(
     target.requires_grad_(False)  # the target is the teacher: no graph is built through it
     head_w = (target.lm_head.weight if vocab is None else target.lm_head.weight[vocab]).detach()  # frozen: the target's rows
     torch.manual_seed(settings.seed)
-    draft = init_draft(target, init, torch.float32)
+    draft = (init_eagle if settings.kind == "eagle" else init_draft)(target, init, torch.float32)
     draft.train()
     params = [p for p in draft.parameters() if p.requires_grad]
     dev = target.device
@@ -300,9 +340,12 @@ def train_draft(
             g["lr"] = lr_at(step, settings, time.perf_counter() - t_train)
         with autocast():
             with torch.no_grad():
-                tl = head_logits(hidden_states(target, ids)[valid], head_w)
-            dl = head_logits(hidden_states(draft, ids)[valid], head_w)
-            loss = kl_loss(tl, dl)
+                th = hidden_states(target, ids)
+            loss = torch.zeros((), device=dev)
+            for dh, rows in draft_rows(draft, ids, valid, th, settings.unroll):
+                loss = loss + kl_loss(head_logits(th[rows], head_w), head_logits(dh, head_w))
+                if hasattr(draft, "fc") and settings.feature_weight:
+                    loss = loss + settings.feature_weight * F.smooth_l1_loss(dh.float(), th[rows].float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
