@@ -364,3 +364,28 @@ def test_sps_draft_runs_through_a_runner_of_its_own(device: str, tmp_path) -> No
     assert out == ref and stats.drafted > 0
     assert stats.accepted >= 0.9 * stats.drafted  # fp32 on a GPU rounds by width: a tie may reject now and then
     assert isinstance(draft_model(runner, str(tmp_path / "same")), GraphRunner)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eagle_tree_through_a_runner_is_ar(device: str, tmp_path) -> None:
+    """With a graph-runner target, `eagle` gets the runner's features (prefill and each step's rows, copied
+    out of the graphs' buffers) and its tree is verified in one graph replay: greedy output stays `ar`'s."""
+    from fastdecode.models.draft import init_eagle, save_draft, target_info
+
+    model = tiny(device)
+    runner = GraphRunner(model, compile=False, verbose=False)
+    draft = init_eagle(model, [0])
+    save_draft(draft, tmp_path / "e", {"target": target_info(model)}, dtype=torch.float32)
+    engine = Engine(runner)  # type: ignore[arg-type]
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
+
+    def run(method: str, **opts):
+        stats = GenerationStats()
+        out = [t for piece in engine.generate(prompt, make_drafter(method, **opts), SamplingParams(), StopConditions(40), stats)
+               for t in piece]
+        return out, stats
+
+    ref, _ = run("ar")
+    for width in (1, 8):
+        out, stats = run("eagle", draft=str(tmp_path / "e"), adaptive=False, num_draft=4, width=width)
+        assert out == ref and stats.drafted > 0

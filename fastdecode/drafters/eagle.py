@@ -150,18 +150,20 @@ class Eagle(Drafter):
         row_of: dict[int, int] = {}
         out_h = {-1: hidden[0, -1]}  # a fed node's output: its children's feature
 
-        def add_children(parent: int, row_logits: torch.Tensor, base: float) -> None:
-            lp = torch.log_softmax(row_logits.float(), -1)
-            top = torch.topk(lp, min(top_k, lp.shape[-1]))
-            d = 1 if parent < 0 else depths[parent] + 1
-            for v, c in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-                tokens.append(c if vocab_ids is None else vocab_ids[c])
-                parents.append(parent)
-                scores.append(base + v)
-                depths.append(d)
+        def add_children(expanded: list[int], rows: torch.Tensor) -> list[int]:
+            """Each expanded node's `top_k` most likely children (rows: its logits, one row per node); one device read."""
+            top = torch.topk(torch.log_softmax(rows.float(), -1), min(top_k, rows.shape[-1]))
+            first = len(tokens)
+            for parent, vals, cols in zip(expanded, top.values.tolist(), top.indices.tolist(), strict=True):
+                base, d = (0.0, 1) if parent < 0 else (scores[parent], depths[parent] + 1)
+                for v, c in zip(vals, cols, strict=True):
+                    tokens.append(c if vocab_ids is None else vocab_ids[c])
+                    parents.append(parent)
+                    scores.append(base + v)
+                    depths.append(d)
+            return list(range(first, len(tokens)))
 
-        add_children(-1, logits[0, -1], 0.0)
-        frontier = list(range(len(tokens)))
+        frontier = add_children([-1], logits[0, -1:])
         forwards = 1
         for level in range(1, depth):
             expand = sorted(frontier, key=lambda j: -scores[j])[:width]
@@ -182,13 +184,10 @@ class Eagle(Drafter):
             pos_l = torch.full((1, T), n - 2 + level, device=model.device)
             logits, hidden = model(ids_l, pos_l, cache, mask=mask.to(model.device), features=f)
             forwards += 1
-            frontier = []
             for r, j in enumerate(expand):
                 row_of[j] = start + r
                 out_h[j] = hidden[0, r]
-                first = len(tokens)
-                add_children(j, logits[0, r], scores[j])
-                frontier.extend(range(first, len(tokens)))
+            frontier = add_children(expand, logits[0])
         # rerank: the best `budget` nodes within the depth limit; a parent scores at least its child and wins ties
         ok = [j for j in range(len(tokens)) if depths[j] <= ctx.max_depth]
         keep = sorted(sorted(ok, key=lambda j: (-scores[j], depths[j], j))[:budget], key=lambda j: (depths[j], j))
