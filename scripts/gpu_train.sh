@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Make the training data and train the drafters on the device machine.
-#   scripts/gpu_train.sh WORK [data] [draft] [eagle] [check] [bench] [pack OUT]   (default: data draft eagle check)
+#   scripts/gpu_train.sh WORK [data] [draft] [eagle] [medusa] [check] [bench] [pack OUT]   (default: data draft eagle medusa check)
 # Expects the embedded model at /root/models/smollm2.gguf and the ShareGPT first turns at $SRC (default
 # /root/sharegpt.jsonl.gz, made by scripts/sharegpt_first_turns.py; or SRC=sharegpt with the package installed).
 #   data:  fastdecode train data  (COUNT, BATCH, DATA_TIMEOUT: a cut-off run keeps its finished shards)
 #   draft: fastdecode train draft (TRAIN_SECONDS of training, LAYERS, TRAIN_ARGS); the artifact goes to WORK/draft
 #   eagle: fastdecode train eagle (EAGLE_SECONDS, EAGLE_ARGS); the artifact goes to WORK/eagle
+#   medusa: fastdecode train medusa (MEDUSA_SECONDS, MEDUSA_ARGS); the artifact goes to WORK/medusa
 #   check: a short greedy bench with the new artifacts (13 prompts, 128 tokens; CHECK_METHODS)
 #   bench: the Spec-Bench run of docs/benchmarks.md (PER_CATEGORY prompts a category, 256 tokens; BENCH_METHODS)
 #   pack OUT: the two weight files and one archive of everything else (logs, manifests, plots, bench results) to OUT
 set -uo pipefail
 work=${1:?usage: scripts/gpu_train.sh WORK [stage ...]}
 shift
-stages=${*:-data draft eagle check}
+stages=${*:-data draft eagle medusa check}
 mkdir -p "$work"
 py=${PYTHON:-python3}
 model=${MODEL:-/root/models/smollm2.gguf}
@@ -24,6 +25,7 @@ opts_for() {  # --opt METHOD.draft=... for the trained methods in the list $1 (b
   local o=""
   for m in sps bild; do case ",$1" in *,$m*) o="$o --opt $m.draft=$work/draft" ;; esac; done
   case ",$1" in *,eagle*) o="$o --opt eagle.draft=$work/eagle" ;; esac
+  case ",$1" in *,medusa*) o="$o --opt medusa.draft=$work/medusa" ;; esac
   echo "$o"
 }
 set -- $stages
@@ -36,23 +38,27 @@ while [ $# -gt 0 ]; do
              --count "${COUNT:-6000}" --held-out 200 --batch-size "${BATCH:-128}" --shard-size 500 --no-progress > "$work/data.log" 2>&1 || status=1
            echo "data: $(( $(date +%s) - t0 )) s"; tail -3 "$work/data.log"
            cp "$data/manifest.json" "$work/data-manifest.json" ;;
-    draft|eagle)
+    draft|eagle|medusa)
            t0=$(date +%s)
-           if [ "$stage" = draft ]; then secs=${TRAIN_SECONDS:-240}; extra="--layers ${LAYERS:-2} ${TRAIN_ARGS:-}"; else secs=${EAGLE_SECONDS:-240}; extra=${EAGLE_ARGS:-}; fi
+           case $stage in
+             draft) secs=${TRAIN_SECONDS:-240}; extra="--layers ${LAYERS:-2} ${TRAIN_ARGS:-}" ;;
+             eagle) secs=${EAGLE_SECONDS:-240}; extra=${EAGLE_ARGS:-} ;;
+             medusa) secs=${MEDUSA_SECONDS:-180}; extra=${MEDUSA_ARGS:-} ;;
+           esac
            "$py" -m fastdecode train "$stage" --model "$model" --device cuda --data "$data" --out "$work/$stage" $extra \
              --steps 100000 --time-limit "$secs" --no-progress > "$work/train-$stage.log" 2>&1 || status=1
            echo "$stage: $(( $(date +%s) - t0 )) s"; tail -4 "$work/train-$stage.log"
            rm -f "$work/$stage/checkpoint.pt" ;;  # optimizer state: too big to come back, not part of the artifact
-    check) m=${CHECK_METHODS:-ar,pld,sps,eagle}
+    check) m=${CHECK_METHODS:-ar,pld,sps,eagle,medusa}
            "$py" -m fastdecode bench --model "$model" --device cuda --dtype bf16 --methods "$m" $(opts_for "$m") \
              --per-category 1 --max-turns 1 --max-new-tokens 128 --out "$work/check" --no-progress > "$work/check.log" 2>&1 || status=1
            tail -20 "$work/check.log" ;;
-    bench) m=${BENCH_METHODS:-ar,pld,sps,sps[lookup=8],bild,eagle}
+    bench) m=${BENCH_METHODS:-ar,pld,sps,sps[lookup=8],bild,eagle,medusa}
            "$py" -m fastdecode bench --model "$model" --device cuda --dtype bf16 --methods "$m" $(opts_for "$m") \
              --per-category "${PER_CATEGORY:-10}" --max-turns 1 --max-new-tokens 256 --out "$work/bench" --no-progress > "$work/bench.log" 2>&1 || status=1
            tail -30 "$work/bench.log" ;;
     pack)  out=${1:?pack needs OUT}; shift
-           for k in draft eagle; do [ -f "$work/$k/draft.safetensors" ] && cp "$work/$k/draft.safetensors" "$out/$k.safetensors"; done
+           for k in draft eagle medusa; do [ -f "$work/$k/draft.safetensors" ] && cp "$work/$k/draft.safetensors" "$out/$k.safetensors"; done
            tar czf "$out/results.tgz" --exclude='*.safetensors' --exclude='checkpoint.pt' -C "$(dirname "$work")" "$(basename "$work")"
            ls -la "$out" ;;
     *) echo "unknown stage $stage"; status=2 ;;

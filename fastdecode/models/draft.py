@@ -28,7 +28,7 @@ FORMAT = "fastdecode-draft/1"
 WEIGHTS = "draft.safetensors"
 MANIFEST = "manifest.json"
 _SHIPPED = Path(__file__).resolve().parent.parent / "drafts"
-EMBEDDED_DRAFTS = {"smollm2": _SHIPPED / "smollm2", "smollm2-eagle": _SHIPPED / "smollm2-eagle"}  # shipped with the package
+EMBEDDED_DRAFTS = {name: _SHIPPED / name for name in ("smollm2", "smollm2-eagle", "smollm2-medusa")}  # shipped with the package
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "rope_theta", "arch")
 _SAMPLE = 256  # embedding values recorded to recognise the target
 
@@ -63,10 +63,10 @@ def same_target(info: dict[str, Any], model: Any) -> str | None:
     return None
 
 
-def draft_config(target_cfg: ModelConfig, num_layers: int, vocab_size: int | None = None) -> ModelConfig:
+def draft_config(target_cfg: ModelConfig, num_layers: int, vocab_size: int | None = None, min_layers: int = 1) -> ModelConfig:
     """The target's config with `num_layers` layers; `vocab_size` is the LM head's rows (a draft vocabulary)."""
-    if num_layers < 1:
-        raise ValueError(f"a draft model needs at least 1 layer, got {num_layers}")
+    if num_layers < min_layers:
+        raise ValueError(f"a draft model needs at least {min_layers} layer, got {num_layers}")
     return dataclasses.replace(target_cfg, num_layers=num_layers, tie_embeddings=True, vocab_size=vocab_size or target_cfg.vocab_size)
 
 
@@ -112,7 +112,29 @@ class FeatureDraft(LlamaModel):
         return super().forward(tokens, positions, cache, mask, num_logits, layers, hidden_only, key_mask, inputs_embeds=x)
 
 
-KINDS = {"draft": LlamaModel, "eagle": FeatureDraft}  # the manifest's "kind": what the weights are
+class MedusaDraft(LlamaModel):
+    """Medusa heads (Cai et al. 2024): head k maps the target's feature f_i to f_i + SiLU(W_k f_i + b_k), whose
+    LM-head row is the draft's distribution for token i+1+k (head 0 guesses the token after the target's own
+    next one). No layers of its own: one call drafts every depth. W_k starts at zero (every head starts as
+    the target's own next-token guess)."""
+
+    def __init__(self, cfg: ModelConfig, num_heads: int):
+        super().__init__(cfg)
+        from fastdecode.models.llama import Linear
+
+        self.heads = torch.nn.ModuleList(Linear(cfg.hidden_size, cfg.hidden_size, bias=True) for _ in range(num_heads))
+
+    def head_hidden(self, features: torch.Tensor) -> torch.Tensor:
+        """(K, *features.shape): each head's hidden state for the features (N, D) or (B, T, D)."""
+        x = features.to(self.norm.weight.dtype)
+        return torch.stack([x + torch.nn.functional.silu(h(x)) for h in self.heads])
+
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(K, ..., V') fp32 logits of every head over the draft vocabulary."""
+        return self.lm_head(self.head_hidden(features)).float()
+
+
+KINDS = {"draft": LlamaModel, "eagle": FeatureDraft, "medusa": MedusaDraft}  # the manifest's "kind": what the weights are
 
 
 def _share_target(draft: LlamaModel, target: Any, vocab: torch.Tensor | None = None) -> LlamaModel:
@@ -173,10 +195,28 @@ def init_eagle(target: Any, layers: list[int], dtype: torch.dtype = torch.float3
     return draft.to(plain.device)
 
 
+def init_medusa(target: Any, num_heads: int, dtype: torch.dtype = torch.float32) -> MedusaDraft:
+    """Trainable Medusa heads for `target`, each starting as the identity (W_k = 0)."""
+    target = getattr(target, "eager_model", target)
+    if num_heads < 1:
+        raise ValueError(f"medusa needs at least 1 head, got {num_heads}")
+    cfg = draft_config(target.cfg, 0, min_layers=0)
+    with torch.device("meta"):
+        draft = MedusaDraft(cfg, num_heads)
+    D = cfg.hidden_size
+    state = {"norm.weight": target.norm.weight.detach().to(dtype=dtype).clone()}
+    for k in range(num_heads):
+        state[f"heads.{k}.weight"] = torch.zeros(D, D, dtype=dtype, device=target.device)
+        state[f"heads.{k}.bias"] = torch.zeros(D, dtype=dtype, device=target.device)
+    draft.load_state_dict(state, strict=False, assign=True)
+    _share_target(draft, target)
+    return draft.to(target.device)
+
+
 def trainable_state(draft: LlamaModel) -> dict[str, torch.Tensor]:
-    """The draft's own weights (layers, final norm, an EAGLE drafter's fc), without the target's shared
-    embedding and LM head."""
-    return {k: v for k, v in draft.state_dict().items() if k.startswith(("layers.", "norm.", "fc."))}
+    """The draft's own weights (layers, final norm, an EAGLE drafter's fc, Medusa heads), without the
+    target's shared embedding and LM head."""
+    return {k: v for k, v in draft.state_dict().items() if k.startswith(("layers.", "norm.", "fc.", "heads."))}
 
 
 def save_draft(
@@ -192,8 +232,10 @@ def save_draft(
         state["draft_vocab"] = vocab.to(device="cpu", dtype=torch.long).contiguous()
         manifest = {**manifest, "draft_vocab": len(vocab)}
     save_file(state, str(out / WEIGHTS))
-    kind = "eagle" if isinstance(draft, FeatureDraft) else "draft"
+    kind = "eagle" if isinstance(draft, FeatureDraft) else "medusa" if isinstance(draft, MedusaDraft) else "draft"
     manifest = {"format": FORMAT, "kind": kind, "num_layers": draft.cfg.num_layers, **manifest}
+    if isinstance(draft, MedusaDraft):
+        manifest["num_heads"] = len(draft.heads)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return out
 
@@ -230,7 +272,7 @@ def check_kind(path: Path, manifest: dict[str, Any], kind: str) -> None:
     """A method's artifact must be of its kind: `sps` takes a draft model, `eagle` an EAGLE drafter."""
     have = manifest.get("kind", "draft")
     if have != kind:
-        made = {"draft": "fastdecode train draft", "eagle": "fastdecode train eagle"}[kind]
+        made = f"fastdecode train {kind}"
         raise ValueError(f"{path} is a {have!r} artifact, this method needs a {kind!r} one ({made})")
 
 
@@ -253,9 +295,9 @@ def load_draft(path: str | Path, target: Any, kind: str = "draft") -> LlamaModel
     vocab = state.pop("draft_vocab", None)
     if vocab is not None and (vocab.dim() != 1 or not len(vocab) or int(vocab.min()) < 0 or int(vocab.max()) >= eager.cfg.vocab_size):
         raise ValueError(f"draft model {path}: its draft_vocab is not a list of the target's token ids")
-    cfg = draft_config(eager.cfg, int(manifest["num_layers"]), None if vocab is None else len(vocab))
+    cfg = draft_config(eager.cfg, int(manifest["num_layers"]), None if vocab is None else len(vocab), min_layers=int(kind == "draft"))
     with torch.device("meta"):
-        draft = KINDS[kind](cfg)
+        draft = MedusaDraft(cfg, int(manifest.get("num_heads", 0))) if kind == "medusa" else KINDS[kind](cfg)
     state = {k: v.to(device=eager.device, dtype=eager.dtype) for k, v in state.items()}
     missing = draft.load_state_dict(state, strict=False, assign=True).missing_keys
     missing = [k for k in missing if not k.startswith(("embed_tokens.", "lm_head."))]

@@ -1,4 +1,4 @@
-"""`fastdecode train data`, `fastdecode train draft` and `fastdecode train eagle`: thin. Check what needs no model, load, run."""
+"""`fastdecode train data` and `fastdecode train draft|eagle|medusa`: thin. Check what needs no model, load, run."""
 
 from __future__ import annotations
 
@@ -41,14 +41,18 @@ def add_train_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
 
     ts = TrainSettings()
     for kind, helptext in (("draft", "distil a small draft model (for sps, bild) from the target on `train data` output"),
-                           ("eagle", "train an EAGLE drafter (for eagle) on the target's features, on `train data` output")):
+                           ("eagle", "train an EAGLE drafter (for eagle) on the target's features, on `train data` output"),
+                           ("medusa", "train Medusa heads (for medusa) on the target's features, on `train data` output")):
         r = tsub.add_parser(kind, help=helptext)
         add_model_args(r)
         layers = 1 if kind == "eagle" else ts.layers
         r.add_argument("--data", required=True, help="a folder made by `fastdecode train data`")
         r.add_argument("--out", required=True, help="the artifact folder (draft.safetensors, manifest.json, training.png)")
-        r.add_argument("--layers", type=int, default=layers, help=f"decoder layers of the draft (default {layers})")
-        r.add_argument("--init-layers", type=_ints, default=ts.init_layers, help="target layers it starts from (default: the first)")
+        if kind == "medusa":
+            r.add_argument("--heads", type=int, default=ts.heads, help=f"heads, one per draft depth (default {ts.heads})")
+        else:
+            r.add_argument("--layers", type=int, default=layers, help=f"decoder layers of the draft (default {layers})")
+            r.add_argument("--init-layers", type=_ints, default=ts.init_layers, help="target layers it starts from (default: the first)")
         r.add_argument("--steps", type=int, default=ts.steps)
         r.add_argument("--batch-tokens", type=int, default=ts.batch_tokens)
         r.add_argument("--max-len", type=int, default=ts.max_len)
@@ -101,17 +105,18 @@ def run_draft(args: argparse.Namespace) -> int:
     from fastdecode.train.data import read_manifest
     from fastdecode.train.draft import TrainSettings, train_draft
 
-    settings = TrainSettings(layers=args.layers, init_layers=args.init_layers, steps=args.steps, batch_tokens=args.batch_tokens,
+    settings = TrainSettings(steps=args.steps, batch_tokens=args.batch_tokens,
                              max_len=args.max_len, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every,
                              eval_sequences=args.eval_sequences, save_every=args.save_every, seed=args.seed,
                              time_limit=args.time_limit, draft_vocab=args.draft_vocab, kind=args.kind,
-                             **{k: getattr(args, k) for k in ("feature_weight", "unroll") if hasattr(args, k)})
+                             **{k: getattr(args, k) for k in ("layers", "init_layers", "feature_weight", "unroll", "heads")
+                                if hasattr(args, k)})
     settings.validate()
     read_manifest(Path(args.data))  # bad data fails before the load
     gen = _load(args)
     m = train_draft(gen.model, Path(args.data), Path(args.out), settings, _command(args.kind), args.resume, not args.no_progress)
     met = m["metrics"]
-    what = "EAGLE drafter" if args.kind == "eagle" else "draft model"
+    what = {"eagle": "EAGLE drafter", "medusa": "Medusa heads"}.get(args.kind, "draft model")
     print(f"{what} in {args.out}: {m['steps']} steps, {m['tokens_seen']} tokens, {m['train_seconds']:.0f} s; "
           f"held-out agreement {met['heldout_agreement']:.3f}, "
           f"accepted per step (depth {met['chain_depth']}) {met['heldout_accepted_per_step']:.2f}")

@@ -19,6 +19,10 @@ distribution at i+1 (the KL above) and f_{i+1} itself (smooth L1, weight `featur
 `unroll=2` it is also trained one step further on its own predicted features (a second pass whose rows read
 the first pass's outputs: the situation of every drafted token after the first). Its held-out agreement is
 that of the first drafted token (teacher-forced features); the chain estimate is then an upper bound.
+
+`kind="medusa"` (`fastdecode train medusa`) trains `heads` Medusa heads on the target's features: head k at
+row i is trained to give the target's distribution at row i+1+k (the KL, weighted 0.8^k as in Medusa).
+Its held-out agreement is head 0's; its chain estimate assumes every head is as good (an upper bound).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fastdecode.models.draft import draft_vocabulary, init_draft, init_eagle, save_draft, target_info, trainable_state
+from fastdecode.models.draft import draft_vocabulary, init_draft, init_eagle, init_medusa, save_draft, target_info, trainable_state
 from fastdecode.train.data import data_hash, load_split, read_manifest
 
 CHECKPOINT = "checkpoint.pt"
@@ -57,9 +61,10 @@ class TrainSettings:
     seed: int = 0
     time_limit: float = 0.0  # seconds of training before stopping early and saving (0: none)
     draft_vocab: int = 8192  # LM head rows kept: the most frequent answer tokens (0: the whole vocabulary)
-    kind: str = "draft"  # "draft" (a draft model on tokens) or "eagle" (a drafter on the target's features)
+    kind: str = "draft"  # "draft" (a draft model on tokens), "eagle" or "medusa" (drafters on the target's features)
     feature_weight: float = 1.0  # eagle: weight of the feature regression beside the KL
     unroll: int = 1  # eagle: passes over its own predicted features in training (1: teacher-forced only)
+    heads: int = 4  # medusa: heads (draft depth)
 
     def validate(self) -> None:
         if self.layers < 1:
@@ -74,8 +79,10 @@ class TrainSettings:
             raise ValueError(f"draft_vocab must be >= 0, got {self.draft_vocab}")
         if self.eval_every < 1 or self.save_every < 1 or self.eval_sequences < 1 or self.chain_depth < 1:
             raise ValueError("eval_every, save_every, eval_sequences and chain_depth must be >= 1")
-        if self.kind not in ("draft", "eagle"):
-            raise ValueError(f"kind must be draft or eagle, got {self.kind!r}")
+        if self.kind not in ("draft", "eagle", "medusa"):
+            raise ValueError(f"kind must be draft, eagle or medusa, got {self.kind!r}")
+        if not 1 <= self.heads <= 16:
+            raise ValueError(f"heads must be in 1..16, got {self.heads}")
         if self.feature_weight < 0 or not 1 <= self.unroll <= 4:
             raise ValueError("feature_weight must be >= 0 and unroll in 1..4")
 
@@ -140,7 +147,17 @@ def draft_rows(draft: Any, ids: torch.Tensor, valid: torch.Tensor, target_hidden
     """The draft's hidden states beside the rows of the target's they stand for: a list of (hidden (N, D),
     rows (B, T) bool) whose i-th hidden row predicts what the target's i-th selected row does (the next token).
     A draft model: one pass over the tokens, every valid row. An EAGLE drafter: pass 1 reads (f_i, t_{i+1})
-    and stands for row i+1; pass u reads pass u-1's outputs as its features, one row further on."""
+    and stands for row i+1; pass u reads pass u-1's outputs as its features, one row further on. Medusa:
+    head k reads f_i and stands for row i+1+k."""
+    if hasattr(draft, "heads"):
+        T = ids.shape[1]
+        out = []
+        hh = draft.head_hidden(target_hidden)  # (K, B, T, D)
+        for k in range(min(len(hh), T - 1)):
+            rows = torch.zeros_like(valid)
+            rows[:, k + 1 :] = valid[:, k + 1 :]
+            out.append((hh[k][:, : T - 1 - k][valid[:, k + 1 :]], rows))
+        return out
     if not hasattr(draft, "fc"):
         return [(hidden_states(draft, ids)[valid], valid)]
     out = []
@@ -285,7 +302,12 @@ def train_draft(
     target.requires_grad_(False)  # the target is the teacher: no graph is built through it
     head_w = (target.lm_head.weight if vocab is None else target.lm_head.weight[vocab]).detach()  # frozen: the target's rows
     torch.manual_seed(settings.seed)
-    draft = (init_eagle if settings.kind == "eagle" else init_draft)(target, init, torch.float32)
+    draft: Any
+    if settings.kind == "medusa":
+        init = []
+        draft = init_medusa(target, settings.heads, torch.float32)
+    else:
+        draft = (init_eagle if settings.kind == "eagle" else init_draft)(target, init, torch.float32)
     draft.train()
     params = [p for p in draft.parameters() if p.requires_grad]
     dev = target.device
@@ -342,8 +364,9 @@ def train_draft(
             with torch.no_grad():
                 th = hidden_states(target, ids)
             loss = torch.zeros((), device=dev)
-            for dh, rows in draft_rows(draft, ids, valid, th, settings.unroll):
-                loss = loss + kl_loss(head_logits(th[rows], head_w), head_logits(dh, head_w))
+            for k, (dh, rows) in enumerate(draft_rows(draft, ids, valid, th, settings.unroll)):
+                weight = 0.8**k if hasattr(draft, "heads") else 1.0
+                loss = loss + weight * kl_loss(head_logits(th[rows], head_w), head_logits(dh, head_w))
                 if hasattr(draft, "fc") and settings.feature_weight:
                     loss = loss + settings.feature_weight * F.smooth_l1_loss(dh.float(), th[rows].float())
         opt.zero_grad(set_to_none=True)
