@@ -92,7 +92,8 @@ def _artifacts(kind: str) -> str:
     parts = []
     for folder, m in shipped(kind):
         met = m.get("metrics", {})
-        parts.append(f"{folder.name} ({m.get('num_layers')} layers, held-out agreement {met.get('heldout_agreement')}, "
+        size = f"{m['num_heads']} heads" if m.get("num_heads") else f"{m.get('num_layers')} layer(s)"
+        parts.append(f"{folder.name} ({size}, held-out agreement {met.get('heldout_agreement')}, "
                      f"{m.get('steps')} steps on {m.get('device')})")
     ships = "; ships: " + "; ".join(parts) if parts else "; none ships"
     return f"draft=PATH from `fastdecode train {kind}`{ships}"

@@ -28,6 +28,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {  # variant -> (method, option
     "auto": ("auto", {"arms": ("pld", "ngram", "lookahead", "ar")}),
     "sps": ("sps", {}),  # the draft model shipped for SmolLM2
     "sps-lookup": ("sps", {"lookup": 8}),
+    "eagle": ("eagle", {}),  # the EAGLE drafter shipped for SmolLM2: a tree (greedy)
+    "medusa": ("medusa", {}),  # the Medusa heads shipped for SmolLM2: a tree
     "_random-tree": ("_random-tree", {}),
     "_self": ("_self", {}),
 }
