@@ -21,11 +21,12 @@ data=${DATA:-/root/train-data}
 export PYTHONUNBUFFERED=1 FASTDECODE_CACHE=${FASTDECODE_CACHE:-/tmp/fastdecode-cache}
 status=0
 { date -u; nvidia-smi --query-gpu=name,driver_version --format=csv; "$py" -c 'import torch; print(torch.__version__)'; } > "$work/machine.txt" 2>&1
-opts_for() {  # --opt METHOD.draft=... for the trained methods in the list $1 (bench refuses options of absent methods)
-  local o=""
-  for m in sps bild; do case ",$1" in *,$m*) o="$o --opt $m.draft=$work/draft" ;; esac; done
-  case ",$1" in *,eagle*) o="$o --opt eagle.draft=$work/eagle" ;; esac
-  case ",$1" in *,medusa*) o="$o --opt medusa.draft=$work/medusa" ;; esac
+opts_for() {  # --opt METHOD.draft=... for the listed trained methods whose artifact this run made (else: the shipped one)
+  local o="" m k
+  for m in sps bild eagle medusa; do
+    case $m in sps|bild) k=draft ;; *) k=$m ;; esac
+    case ",$1" in *,$m*) [ -f "$work/$k/draft.safetensors" ] && o="$o --opt $m.draft=$work/$k" ;; esac
+  done
   echo "$o"
 }
 set -- $stages
@@ -58,6 +59,7 @@ while [ $# -gt 0 ]; do
              --per-category "${PER_CATEGORY:-10}" --max-turns 1 --max-new-tokens 256 --out "$work/bench" --no-progress > "$work/bench.log" 2>&1 || status=1
            tail -30 "$work/bench.log" ;;
     pack)  out=${1:?pack needs OUT}; shift
+           mkdir -p "$out"
            for k in draft eagle medusa; do [ -f "$work/$k/draft.safetensors" ] && cp "$work/$k/draft.safetensors" "$out/$k.safetensors"; done
            tar czf "$out/results.tgz" --exclude='*.safetensors' --exclude='checkpoint.pt' -C "$(dirname "$work")" "$(basename "$work")"
            ls -la "$out" ;;

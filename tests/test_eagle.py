@@ -169,3 +169,14 @@ def test_train_eagle_lowers_the_heldout_kl_and_writes_an_artifact(target: Any, d
     ref, _ = run_engine(target, prompt, "ar", SamplingParams(), 24)
     got, _ = run_engine(target, prompt, "eagle", SamplingParams(), 24, drafter=make_drafter("eagle", draft=str(out)))
     assert got == ref
+
+
+def test_auto_hands_the_prompt_features_to_a_feature_arm() -> None:
+    auto = make_drafter("auto", arms=("eagle", "ar"))
+    assert auto.features
+    auto.reset([1, 2, 3, 4])  # an untried arm first: eagle
+    arm = auto.arms["eagle"]  # type: ignore[attr-defined]
+    with torch.inference_mode():
+        auto.prefill(torch.ones(3, 8))
+    assert isinstance(arm, Eagle) and arm.known == 3
+    assert not make_drafter("auto", arms=("pld", "ar")).features

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from fastdecode.drafters.base import DraftContext, Drafter, Proposal, StepResult, get_method, make_drafter, register
 
 
@@ -47,6 +49,7 @@ class Auto(Drafter):
     def __init__(self, options: AutoOptions):
         super().__init__(options)
         self.arms: dict[str, Drafter] = {name: make_drafter(name) for name in options.arms}
+        self.features = any(arm.features for arm in self.arms.values())  # type: ignore[misc]  # prefill goes to such an arm
         self.pulls = {name: 0 for name in options.arms}
         self.tokens = {name: 0 for name in options.arms}  # over all of the arm's requests
         self.seconds = {name: 0.0 for name in options.arms}
@@ -86,6 +89,11 @@ class Auto(Drafter):
         self._close_request()  # the previous request ended: its speed is the arm's reward
         self.current = self.choose()
         self.arms[self.current].reset(prompt_tokens)
+
+    def prefill(self, hidden: torch.Tensor) -> None:
+        assert self.current is not None
+        if self.arms[self.current].features:
+            self.arms[self.current].prefill(hidden)
 
     def propose(self, ctx: DraftContext) -> Proposal:
         assert self.current is not None

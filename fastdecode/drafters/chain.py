@@ -66,6 +66,18 @@ def pick_token(model: Any, row: torch.Tensor, position: torch.Tensor, ctx: Draft
     return int(choose_tokens(row, position.to(row.device), ctx.params)), None
 
 
+def best_tree(tokens: list[int], parents: list[int], scores: list[float], depths: list[int], budget: int, draft_forwards: int) -> Proposal:
+    """The `budget` candidate nodes of highest cumulative log-probability as a Proposal (EAGLE-2's rerank).
+    A child never scores above its parent and ties go to the shallower node, so every kept node's parent is
+    kept; the nodes come out by depth, parents first."""
+    ranked = sorted(range(len(tokens)), key=lambda j: (-scores[j], depths[j], j))[:budget]
+    keep = sorted(ranked, key=lambda j: (depths[j], j))
+    index = {-1: -1}
+    for i, j in enumerate(keep):
+        index[j] = i
+    return Proposal([tokens[j] for j in keep], [index[parents[j]] for j in keep], None, draft_forwards=draft_forwards)
+
+
 def draft_chain(
     model: Any,  # a LlamaModel or a GraphRunner
     state: ChainState,

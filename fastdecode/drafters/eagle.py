@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from fastdecode.drafters.base import DraftContext, Drafter, Proposal, StepResult, register
-from fastdecode.drafters.chain import ChainState, draft_generator, pick_token
+from fastdecode.drafters.chain import ChainState, best_tree, draft_generator, pick_token
 from fastdecode.drafters.sps import check_draft, draft_model
 
 
@@ -166,7 +166,7 @@ class Eagle(Drafter):
         frontier = add_children([-1], logits[0, -1:])
         forwards = 1
         for level in range(1, depth):
-            expand = sorted(frontier, key=lambda j: -scores[j])[:width]
+            expand = sorted(frontier, key=lambda j: -scores[j])[: min(width, budget)]
             T = len(expand)
             start = cache.length
             if start + T > cache.max_len:
@@ -188,10 +188,4 @@ class Eagle(Drafter):
                 row_of[j] = start + r
                 out_h[j] = hidden[0, r]
             frontier = add_children(expand, logits[0])
-        # rerank: the best `budget` nodes within the depth limit; a parent scores at least its child and wins ties
-        ok = [j for j in range(len(tokens)) if depths[j] <= ctx.max_depth]
-        keep = sorted(sorted(ok, key=lambda j: (-scores[j], depths[j], j))[:budget], key=lambda j: (depths[j], j))
-        index = {-1: -1}
-        for i, j in enumerate(keep):
-            index[j] = i
-        return Proposal([tokens[j] for j in keep], [index[parents[j]] for j in keep], None, draft_forwards=forwards)
+        return best_tree(tokens, parents, scores, depths, budget, forwards)  # depth <= k <= ctx.max_depth

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fastdecode.drafters.base import DraftContext, Drafter, Proposal, StepResult, register
-from fastdecode.drafters.chain import ChainState, draft_generator, pick_token
+from fastdecode.drafters.chain import ChainState, best_tree, draft_generator, pick_token
 from fastdecode.drafters.sps import check_draft, draft_model
 
 
@@ -98,7 +98,7 @@ class Medusa(Drafter):
         depths: list[int] = []
         frontier = [-1]
         for d in range(depth):
-            expand = sorted(frontier, key=lambda j: -scores[j] if j >= 0 else 0.0)[:width]
+            expand = sorted(frontier, key=lambda j: -scores[j] if j >= 0 else 0.0)[: min(width, budget)]
             frontier = []
             for parent in expand:
                 base = scores[parent] if parent >= 0 else 0.0
@@ -108,8 +108,4 @@ class Medusa(Drafter):
                     parents.append(parent)
                     scores.append(base + v)
                     depths.append(d + 1)
-        keep = sorted(sorted(range(len(tokens)), key=lambda j: (-scores[j], depths[j], j))[:budget], key=lambda j: (depths[j], j))
-        index = {-1: -1}
-        for i, j in enumerate(keep):
-            index[j] = i
-        return Proposal([tokens[j] for j in keep], [index[parents[j]] for j in keep], None, draft_forwards=1)
+        return best_tree(tokens, parents, scores, depths, budget, 1)

@@ -295,7 +295,9 @@ def load_draft(path: str | Path, target: Any, kind: str = "draft") -> LlamaModel
     vocab = state.pop("draft_vocab", None)
     if vocab is not None and (vocab.dim() != 1 or not len(vocab) or int(vocab.min()) < 0 or int(vocab.max()) >= eager.cfg.vocab_size):
         raise ValueError(f"draft model {path}: its draft_vocab is not a list of the target's token ids")
-    cfg = draft_config(eager.cfg, int(manifest["num_layers"]), None if vocab is None else len(vocab), min_layers=int(kind == "draft"))
+    cfg = draft_config(eager.cfg, int(manifest["num_layers"]), None if vocab is None else len(vocab), min_layers=int(kind != "medusa"))
+    if kind == "medusa" and int(manifest.get("num_heads", 0)) < 1:
+        raise ValueError(f"draft model {path}: its manifest gives no num_heads")
     with torch.device("meta"):
         draft = MedusaDraft(cfg, int(manifest.get("num_heads", 0))) if kind == "medusa" else KINDS[kind](cfg)
     state = {k: v.to(device=eager.device, dtype=eager.dtype) for k, v in state.items()}

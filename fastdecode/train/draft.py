@@ -259,7 +259,7 @@ def plot(history: list[dict[str, float]], evals: list[dict[str, float]], path: P
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a.plot([h["step"] for h in history], [h["loss"] for h in history], lw=0.8, label="train KL")
+    a.plot([h["step"] for h in history], [h["loss"] for h in history], lw=0.8, label="train loss")
     if evals:
         a.plot([e["step"] for e in evals], [e["kl"] for e in evals], "o-", label="held-out KL")
         b.plot([e["step"] for e in evals], [e["agreement"] for e in evals], "o-", label="top-1 agreement")
