@@ -66,16 +66,43 @@ def pick_token(model: Any, row: torch.Tensor, position: torch.Tensor, ctx: Draft
     return int(choose_tokens(row, position.to(row.device), ctx.params)), None
 
 
-def best_tree(tokens: list[int], parents: list[int], scores: list[float], depths: list[int], budget: int, draft_forwards: int) -> Proposal:
-    """The `budget` candidate nodes of highest cumulative log-probability as a Proposal (EAGLE-2's rerank).
-    A child never scores above its parent and ties go to the shallower node, so every kept node's parent is
-    kept; the nodes come out by depth, parents first."""
-    ranked = sorted(range(len(tokens)), key=lambda j: (-scores[j], depths[j], j))[:budget]
-    keep = sorted(ranked, key=lambda j: (depths[j], j))
-    index = {-1: -1}
-    for i, j in enumerate(keep):
-        index[j] = i
-    return Proposal([tokens[j] for j in keep], [index[parents[j]] for j in keep], None, draft_forwards=draft_forwards)
+@dataclass
+class Candidates:
+    """A draft tree grown level by level by cumulative draft log-probability, then reranked (EAGLE-2; the
+    `eagle` and `medusa` trees). Node j has a token, a parent (-1: the pending token), a score (the sum of
+    its path's log-probabilities) and a depth."""
+
+    vocab_ids: list[int] | None = None  # a draft vocabulary: column c of the draft's logits is token vocab_ids[c]
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)
+
+    def best(self, nodes: list[int], n: int) -> list[int]:
+        """The `n` of `nodes` (-1 allowed: the root, score 0) with the highest scores."""
+        return sorted(nodes, key=lambda j: -self.scores[j] if j >= 0 else 0.0)[:n]
+
+    def add(self, parents: list[int], logprobs: list[list[float]], columns: list[list[int]]) -> list[int]:
+        """Children of each of `parents`: `columns[i]` with log-probabilities `logprobs[i]`. Returns the new nodes."""
+        first = len(self.tokens)
+        for parent, vals, cols in zip(parents, logprobs, columns, strict=True):
+            base, d = (0.0, 1) if parent < 0 else (self.scores[parent], self.depths[parent] + 1)
+            for v, c in zip(vals, cols, strict=True):
+                self.tokens.append(c if self.vocab_ids is None else self.vocab_ids[c])
+                self.parents.append(parent)
+                self.scores.append(base + v)
+                self.depths.append(d)
+        return list(range(first, len(self.tokens)))
+
+    def proposal(self, budget: int, draft_forwards: int) -> Proposal:
+        """The `budget` nodes of highest score as a Proposal. A child never scores above its parent and ties
+        go to the shallower node, so every kept node's parent is kept; the nodes come out by depth, parents first."""
+        ranked = sorted(range(len(self.tokens)), key=lambda j: (-self.scores[j], self.depths[j], j))[:budget]
+        keep = sorted(ranked, key=lambda j: (self.depths[j], j))
+        index = {-1: -1}
+        for i, j in enumerate(keep):
+            index[j] = i
+        return Proposal([self.tokens[j] for j in keep], [index[self.parents[j]] for j in keep], None, draft_forwards=draft_forwards)
 
 
 def draft_chain(

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from fastdecode.drafters.base import DraftContext, Drafter, Proposal, StepResult, register
-from fastdecode.drafters.chain import ChainState, best_tree, draft_generator, pick_token
+from fastdecode.drafters.chain import Candidates, ChainState, draft_generator, pick_token
 from fastdecode.drafters.sps import check_draft, draft_model
 
 
@@ -151,34 +151,22 @@ class Eagle(Drafter):
         n = len(ctx.tokens)
         width, top_k = self.options.width, self.options.top_k
         budget = min(ctx.max_nodes, width * depth)
-        vocab_ids: list[int] | None = getattr(model, "draft_vocab_ids", None)
         logits, hidden = model(ids, pos, cache, num_logits=1, features=feats)
         self.real = n - 1
-        # nodes: token, parent node (-1: the pending token), cumulative log-probability, depth, cache row (once fed)
-        tokens: list[int] = []
-        parents: list[int] = []
-        scores: list[float] = []
-        depths: list[int] = []
-        row_of: dict[int, int] = {}
+        tree = Candidates(getattr(model, "draft_vocab_ids", None))
+        parents = tree.parents
+        row_of: dict[int, int] = {}  # a fed node's cache row
         out_h = {-1: hidden[0, -1]}  # a fed node's output: its children's feature
 
         def add_children(expanded: list[int], rows: torch.Tensor) -> list[int]:
             """Each expanded node's `top_k` most likely children (rows: its logits, one row per node); one device read."""
             top = torch.topk(torch.log_softmax(rows.float(), -1), min(top_k, rows.shape[-1]))
-            first = len(tokens)
-            for parent, vals, cols in zip(expanded, top.values.tolist(), top.indices.tolist(), strict=True):
-                base, d = (0.0, 1) if parent < 0 else (scores[parent], depths[parent] + 1)
-                for v, c in zip(vals, cols, strict=True):
-                    tokens.append(c if vocab_ids is None else vocab_ids[c])
-                    parents.append(parent)
-                    scores.append(base + v)
-                    depths.append(d)
-            return list(range(first, len(tokens)))
+            return tree.add(expanded, top.values.tolist(), top.indices.tolist())
 
         frontier = add_children([-1], logits[0, -1:])
         forwards = 1
         for level in range(1, depth):
-            expand = sorted(frontier, key=lambda j: -scores[j])[: min(width, budget)]
+            expand = tree.best(frontier, min(width, budget))
             T = len(expand)
             start = cache.length
             if start + T > cache.max_len:
@@ -192,7 +180,7 @@ class Eagle(Drafter):
                     mask[0, r, row_of[a]] = True
                     a = parents[a]
             f = torch.stack([out_h[parents[j]] for j in expand])[None]
-            ids_l = torch.tensor([[tokens[j] for j in expand]], device=model.device)
+            ids_l = torch.tensor([[tree.tokens[j] for j in expand]], device=model.device)
             pos_l = torch.full((1, T), n - 2 + level, device=model.device)
             logits, hidden = model(ids_l, pos_l, cache, mask=mask.to(model.device), features=f)
             forwards += 1
@@ -200,4 +188,4 @@ class Eagle(Drafter):
                 row_of[j] = start + r
                 out_h[j] = hidden[0, r]
             frontier = add_children(expand, logits[0])
-        return best_tree(tokens, parents, scores, depths, budget, forwards)  # depth <= k <= ctx.max_depth
+        return tree.proposal(budget, forwards)  # depth <= k <= ctx.max_depth

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fastdecode.drafters.base import DraftContext, Drafter, Proposal, StepResult, register
-from fastdecode.drafters.chain import ChainState, best_tree, draft_generator, pick_token
+from fastdecode.drafters.chain import Candidates, ChainState, draft_generator, pick_token
 from fastdecode.drafters.sps import check_draft, draft_model
 
 
@@ -89,23 +89,11 @@ class Medusa(Drafter):
     def _tree(self, model: Any, ctx: DraftContext, depth: int, logits: torch.Tensor) -> Proposal:
         width, top_k = self.options.width, self.options.top_k
         budget = min(ctx.max_nodes, width * depth)
-        vocab_ids: list[int] | None = getattr(model, "draft_vocab_ids", None)
         top = torch.topk(torch.log_softmax(logits, -1), min(top_k, logits.shape[-1]))
         head_vals, head_cols = top.values.tolist(), top.indices.tolist()  # one device read for every head
-        tokens: list[int] = []
-        parents: list[int] = []
-        scores: list[float] = []
-        depths: list[int] = []
+        tree = Candidates(getattr(model, "draft_vocab_ids", None))
         frontier = [-1]
-        for d in range(depth):
-            expand = sorted(frontier, key=lambda j: -scores[j] if j >= 0 else 0.0)[: min(width, budget)]
-            frontier = []
-            for parent in expand:
-                base = scores[parent] if parent >= 0 else 0.0
-                for v, c in zip(head_vals[d], head_cols[d], strict=True):
-                    frontier.append(len(tokens))
-                    tokens.append(c if vocab_ids is None else vocab_ids[c])
-                    parents.append(parent)
-                    scores.append(base + v)
-                    depths.append(d + 1)
-        return best_tree(tokens, parents, scores, depths, budget, 1)
+        for d in range(depth):  # head d's tokens under each expanded node: the heads do not see the tokens before
+            expand = tree.best(frontier, min(width, budget))
+            frontier = tree.add(expand, [head_vals[d]] * len(expand), [head_cols[d]] * len(expand))
+        return tree.proposal(budget, 1)

@@ -232,7 +232,7 @@ def save_draft(
         state["draft_vocab"] = vocab.to(device="cpu", dtype=torch.long).contiguous()
         manifest = {**manifest, "draft_vocab": len(vocab)}
     save_file(state, str(out / WEIGHTS))
-    kind = "eagle" if isinstance(draft, FeatureDraft) else "medusa" if isinstance(draft, MedusaDraft) else "draft"
+    kind = next(k for k, cls in KINDS.items() if type(draft) is cls)
     manifest = {"format": FORMAT, "kind": kind, "num_layers": draft.cfg.num_layers, **manifest}
     if isinstance(draft, MedusaDraft):
         manifest["num_heads"] = len(draft.heads)
