@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import os
 import random
-from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
 from conftest import (
     assert_lossless,
-    exact_joint,
     make_tiny_model,
-    pooled_chisquare,
     prompt_text,
     run_engine,
+    sample_joint,
     tiny_config,
 )
 
@@ -116,20 +114,7 @@ def test_tiny_gumbel_sampling_same_text_as_ar(method: str, tiny_model: Any) -> N
 @pytest.mark.parametrize("method", NEW_DRAFTERS)
 def test_rejection_sampling_keeps_the_target_distribution(method: str, tiny_model: Any) -> None:
     """Per-step conditionals: the joint of the first 4 tokens over many seeds, against the exact joint."""
-    prompt = tiny_prompt(3)
-    depth, runs = 4, 1500
-    base = SamplingParams(temperature=1.0, top_k=4, sampler="rejection")
-    exact = exact_joint(tiny_model, prompt, depth, base)
-    drafter = make_drafter(method, **TINY_OPTIONS[method])
-    engine = Engine(tiny_model)
-    counts: Counter[tuple[int, ...]] = Counter()
-    drafted = 0
-    for seed in range(runs):
-        out, stats = run_engine(tiny_model, prompt, method, replace(base, seed=seed), depth, engine=engine, drafter=drafter)
-        counts[tuple(out)] += 1
-        drafted += stats.drafted
-    stat, p, cells = pooled_chisquare(counts, exact)
-    print(f"\n[{method}] chi-square {stat:.1f} over {cells} cells, p = {p:.3g}, {drafted / runs:.2f} draft nodes per run")
+    p, drafted, _ = sample_joint(tiny_model, tiny_prompt(3), method, make_drafter(method, **TINY_OPTIONS[method]))
     assert drafted > 0
     assert p > 1e-3
 

@@ -10,18 +10,16 @@ one drafted from scratch); `train eagle` lowers the held-out KL and writes a kin
 from __future__ import annotations
 
 import json
-from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import exact_joint, pooled_chisquare, run_engine
+from conftest import recording, run_engine, sample_joint
 from test_drafters import tiny_prompt
 from test_train import dataset, target  # noqa: F401  (fixtures)
 
-from fastdecode.drafters import DraftContext, Proposal, get_method, make_drafter, make_options
+from fastdecode.drafters import get_method, make_drafter, make_options
 from fastdecode.drafters.eagle import Eagle
 from fastdecode.engine import Engine
 from fastdecode.models.draft import MANIFEST, WEIGHTS, FeatureDraft, init_draft, init_eagle, load_draft, save_draft, target_info
@@ -66,38 +64,12 @@ def test_eagle_gumbel_same_text_as_ar(tiny_model: Any, eagle_dir: str) -> None:
 
 
 def test_eagle_rejection_sampling_keeps_the_target_distribution(tiny_model: Any, eagle_dir: str) -> None:
-    prompt = tiny_prompt(3)
-    depth, runs = 4, 1500
-    base = SamplingParams(temperature=1.0, top_k=4, sampler="rejection")
-    exact = exact_joint(tiny_model, prompt, depth, base)
-    drafter = make_drafter("eagle", draft=eagle_dir, adaptive=False, num_draft=3)
-    engine = Engine(tiny_model)
-    counts: Counter[tuple[int, ...]] = Counter()
-    accepted = 0
-    for seed in range(runs):
-        out, stats = run_engine(tiny_model, prompt, "eagle", replace(base, seed=seed), depth, engine=engine, drafter=drafter)
-        counts[tuple(out)] += 1
-        accepted += stats.accepted
-    stat, p, cells = pooled_chisquare(counts, exact)
-    print(f"\n[eagle] chi-square {stat:.1f} over {cells} cells, p = {p:.3g}, {accepted / runs:.2f} accepted per run")
+    p, _, accepted = sample_joint(tiny_model, tiny_prompt(3), "eagle", make_drafter("eagle", draft=eagle_dir, adaptive=False, num_draft=3))
     assert accepted > 0
     assert p > 1e-3
 
 
-class Recording(Eagle):
-    """Eagle that records each step's committed tokens and first drafted token's logits."""
-
-    name = "_eagle_recording"
-
-    def __init__(self, options: Any):
-        super().__init__(options)
-        self.seen: list[list[int]] = []
-
-    def propose(self, ctx: DraftContext) -> Proposal:
-        p = super().propose(ctx)
-        if p.tokens:
-            self.seen.append([*ctx.tokens, p.tokens[0]])
-        return p
+Recording = recording(Eagle)
 
 
 def test_eagle_reads_the_targets_features_and_keeps_the_right_rows(tiny_model: Any, eagle_dir: str) -> None:

@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from conftest import run_engine
 
 from fastdecode import cuda_graphs
 from fastdecode.cuda_graphs import GraphRunner, span_bucket, width_bucket
@@ -354,10 +355,7 @@ def test_sps_draft_runs_through_a_runner_of_its_own(device: str, tmp_path) -> No
     prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
 
     def run(method: str, **opts):
-        stats = GenerationStats()
-        out = [t for piece in engine.generate(prompt, make_drafter(method, **opts), SamplingParams(), StopConditions(40), stats)
-               for t in piece]
-        return out, stats
+        return run_engine(runner, prompt, method, SamplingParams(), 40, engine=engine, **opts)
 
     ref, _ = run("ar")
     out, stats = run("sps", draft=str(tmp_path / "same"), adaptive=False, num_draft=4)
@@ -380,10 +378,7 @@ def test_eagle_tree_through_a_runner_is_ar(device: str, tmp_path) -> None:
     prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
 
     def run(method: str, **opts):
-        stats = GenerationStats()
-        out = [t for piece in engine.generate(prompt, make_drafter(method, **opts), SamplingParams(), StopConditions(40), stats)
-               for t in piece]
-        return out, stats
+        return run_engine(runner, prompt, method, SamplingParams(), 40, engine=engine, **opts)
 
     ref, _ = run("ar")
     for width in (1, 8):

@@ -9,18 +9,16 @@ fresh forward's feature); `train medusa` lowers the held-out KL and writes a kin
 from __future__ import annotations
 
 import json
-from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import exact_joint, pooled_chisquare, run_engine
+from conftest import recording, run_engine, sample_joint
 from test_drafters import tiny_prompt
 from test_train import dataset, target  # noqa: F401  (fixtures)
 
-from fastdecode.drafters import DraftContext, Proposal, get_method, make_drafter, make_options
+from fastdecode.drafters import get_method, make_drafter, make_options
 from fastdecode.drafters.medusa import Medusa
 from fastdecode.models.draft import MANIFEST, MedusaDraft, init_medusa, load_draft, save_draft, target_info
 from fastdecode.sampling import SamplingParams
@@ -62,35 +60,13 @@ def test_medusa_gumbel_same_text_as_ar(tiny_model: Any, heads_dir: str) -> None:
 
 
 def test_medusa_rejection_sampling_keeps_the_target_distribution(tiny_model: Any, heads_dir: str) -> None:
-    prompt = tiny_prompt(3)
-    depth, runs = 4, 1500
-    base = SamplingParams(temperature=1.0, top_k=4, sampler="rejection")
-    exact = exact_joint(tiny_model, prompt, depth, base)
     drafter = make_drafter("medusa", draft=heads_dir, adaptive=False, num_draft=3)
-    counts: Counter[tuple[int, ...]] = Counter()
-    accepted = 0
-    for seed in range(runs):
-        out, stats = run_engine(tiny_model, prompt, "medusa", replace(base, seed=seed), depth, drafter=drafter)
-        counts[tuple(out)] += 1
-        accepted += stats.accepted
-    stat, p, cells = pooled_chisquare(counts, exact)
-    print(f"\n[medusa] chi-square {stat:.1f} over {cells} cells, p = {p:.3g}, {accepted / runs:.2f} accepted per run")
+    p, _, accepted = sample_joint(tiny_model, tiny_prompt(3), "medusa", drafter)
     assert accepted > 0
     assert p > 1e-3
 
 
-class Recording(Medusa):
-    name = "_medusa_recording"
-
-    def __init__(self, options: Any):
-        super().__init__(options)
-        self.seen: list[list[int]] = []
-
-    def propose(self, ctx: DraftContext) -> Proposal:
-        p = super().propose(ctx)
-        if p.tokens:
-            self.seen.append([*ctx.tokens, p.tokens[0]])
-        return p
+Recording = recording(Medusa)
 
 
 def test_medusa_drafts_from_the_feature_of_the_row_before_the_pending_token(tiny_model: Any, heads_dir: str) -> None:

@@ -8,14 +8,12 @@ tolerance it keeps tokens the target would not have chosen, by the rule of `veri
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import exact_joint, make_tiny_model, pooled_chisquare, run_engine
+from conftest import make_tiny_model, run_engine, sample_joint
 from test_drafters import tiny_prompt
 
 from fastdecode.cli import main
@@ -75,20 +73,7 @@ def test_sps_gumbel_same_text_as_ar(tiny_model: Any, drafts: dict[str, str]) -> 
 
 
 def test_sps_rejection_sampling_keeps_the_target_distribution(tiny_model: Any, drafts: dict[str, str]) -> None:
-    prompt = tiny_prompt(3)
-    depth, runs = 4, 1500
-    base = SamplingParams(temperature=1.0, top_k=4, sampler="rejection")
-    exact = exact_joint(tiny_model, prompt, depth, base)
-    drafter = make_drafter("sps", draft=drafts["weak"], adaptive=False, num_draft=3)
-    engine = Engine(tiny_model)
-    counts: Counter[tuple[int, ...]] = Counter()
-    accepted = 0
-    for seed in range(runs):
-        out, stats = run_engine(tiny_model, prompt, "sps", replace(base, seed=seed), depth, engine=engine, drafter=drafter)
-        counts[tuple(out)] += 1
-        accepted += stats.accepted
-    stat, p, cells = pooled_chisquare(counts, exact)
-    print(f"\n[sps] chi-square {stat:.1f} over {cells} cells, p = {p:.3g}, {accepted / runs:.2f} accepted per run")
+    p, _, accepted = sample_joint(tiny_model, tiny_prompt(3), "sps", make_drafter("sps", draft=drafts["weak"], adaptive=False, num_draft=3))
     assert accepted > 0
     assert p > 1e-3
 
