@@ -3,7 +3,7 @@
 #   scripts/gpu_train.sh WORK [data] [draft] [eagle] [medusa] [check] [bench] [pack OUT]   (default: data draft eagle medusa check)
 # Expects the embedded model at /root/models/smollm2.gguf and the ShareGPT first turns at $SRC (default
 # /root/sharegpt.jsonl.gz, made by scripts/sharegpt_first_turns.py; or SRC=sharegpt with the package installed).
-#   data:  fastdecode train data  (COUNT, BATCH, DATA_TIMEOUT: a cut-off run keeps its finished shards)
+#   data:  fastdecode train data  (COUNT, BATCH, SHARD, DATA_TIMEOUT: a cut-off run keeps its finished shards)
 #   draft: fastdecode train draft (TRAIN_SECONDS of training, LAYERS, TRAIN_ARGS); the artifact goes to WORK/draft
 #   eagle: fastdecode train eagle (EAGLE_SECONDS, EAGLE_ARGS); the artifact goes to WORK/eagle
 #   medusa: fastdecode train medusa (MEDUSA_SECONDS, MEDUSA_ARGS); the artifact goes to WORK/medusa
@@ -36,7 +36,7 @@ while [ $# -gt 0 ]; do
   case $stage in
     data)  t0=$(date +%s)
            timeout "${DATA_TIMEOUT:-300}" "$py" -m fastdecode train data --model "$model" --device cuda --out "$data" --source "${SRC:-/root/sharegpt.jsonl.gz}" \
-             --count "${COUNT:-6000}" --held-out 200 --batch-size "${BATCH:-128}" --shard-size 500 --no-progress > "$work/data.log" 2>&1 || status=1
+             --count "${COUNT:-6000}" --held-out 200 --batch-size "${BATCH:-128}" --shard-size "${SHARD:-256}" --no-progress > "$work/data.log" 2>&1 || status=1
            echo "data: $(( $(date +%s) - t0 )) s"; tail -3 "$work/data.log"
            cp "$data/manifest.json" "$work/data-manifest.json" ;;
     draft|eagle|medusa)

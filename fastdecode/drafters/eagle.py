@@ -44,14 +44,6 @@ class EagleOptions:
         check_draft(self.draft, "eagle")
 
 
-def _attention_backends() -> Any:
-    """SDPA without cuDNN's backend: it builds a plan for each new shape (9 ms a call on an H100, measured with
-    cProfile), and the drafter's attention shapes change every step. The others need no plan."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
 @register
 class Eagle(Drafter):
     name = "eagle"
@@ -98,10 +90,6 @@ class Eagle(Drafter):
         self.known = need
 
     def propose(self, ctx: DraftContext) -> Proposal:
-        with _attention_backends():
-            return self._propose(ctx)
-
-    def _propose(self, ctx: DraftContext) -> Proposal:
         model = draft_model(ctx.target.model, self.options.draft, "eagle")
         n = len(ctx.tokens)  # tokens[n-1] is pending: features are known for positions 0 .. n-2
         self.pending = n - 1
