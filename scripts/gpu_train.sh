@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Make the training data and train the drafters on the device machine.
-#   scripts/gpu_train.sh WORK [data] [draft] [eagle] [medusa] [check] [bench] [pack OUT]   (default: data draft eagle medusa check)
+#   scripts/gpu_train.sh WORK [data] [draft] [eagle] [medusa] [hydra] [check] [bench] [pack OUT]   (default: data draft eagle medusa check)
 # Expects the embedded model at /root/models/smollm2.gguf and the ShareGPT first turns at $SRC (default
 # /root/sharegpt.jsonl.gz, made by scripts/sharegpt_first_turns.py; or SRC=sharegpt with the package installed).
 #   data:  fastdecode train data  (COUNT, BATCH, SHARD, DATA_TIMEOUT: a cut-off run keeps its finished shards)
 #   draft: fastdecode train draft (TRAIN_SECONDS of training, LAYERS, TRAIN_ARGS); the artifact goes to WORK/draft
 #   eagle: fastdecode train eagle (EAGLE_SECONDS, EAGLE_ARGS); the artifact goes to WORK/eagle
 #   medusa: fastdecode train medusa (MEDUSA_SECONDS, MEDUSA_ARGS); the artifact goes to WORK/medusa
+#   hydra: fastdecode train hydra (HYDRA_SECONDS, HYDRA_ARGS); the artifact goes to WORK/hydra
 #   check: a short greedy bench with the new artifacts (13 prompts, 128 tokens; CHECK_METHODS)
 #   bench: the Spec-Bench run of docs/benchmarks.md (PER_CATEGORY prompts a category, 256 tokens; BENCH_METHODS)
 #   pack OUT: the two weight files and one archive of everything else (logs, manifests, plots, bench results) to OUT
@@ -23,7 +24,7 @@ status=0
 { date -u; nvidia-smi --query-gpu=name,driver_version --format=csv; "$py" -c 'import torch; print(torch.__version__)'; } > "$work/machine.txt" 2>&1
 opts_for() {  # --opt METHOD.draft=... for the listed trained methods whose artifact this run made (else: the shipped one)
   local o="" m k
-  for m in sps bild eagle medusa; do
+  for m in sps bild eagle medusa hydra; do
     case $m in sps|bild) k=draft ;; *) k=$m ;; esac
     case ",$1" in *,$m*) [ -f "$work/$k/draft.safetensors" ] && o="$o --opt $m.draft=$work/$k" ;; esac
   done
@@ -39,12 +40,13 @@ while [ $# -gt 0 ]; do
              --count "${COUNT:-6000}" --held-out 200 --batch-size "${BATCH:-128}" --shard-size "${SHARD:-256}" --no-progress > "$work/data.log" 2>&1 || status=1
            echo "data: $(( $(date +%s) - t0 )) s"; tail -3 "$work/data.log"
            cp "$data/manifest.json" "$work/data-manifest.json" ;;
-    draft|eagle|medusa)
+    draft|eagle|medusa|hydra)
            t0=$(date +%s)
            case $stage in
              draft) secs=${TRAIN_SECONDS:-240}; extra="--layers ${LAYERS:-2} ${TRAIN_ARGS:-}" ;;
              eagle) secs=${EAGLE_SECONDS:-240}; extra=${EAGLE_ARGS:-} ;;
              medusa) secs=${MEDUSA_SECONDS:-180}; extra=${MEDUSA_ARGS:-} ;;
+             hydra) secs=${HYDRA_SECONDS:-180}; extra=${HYDRA_ARGS:-} ;;
            esac
            "$py" -m fastdecode train "$stage" --model "$model" --device cuda --data "$data" --out "$work/$stage" $extra \
              --steps 100000 --time-limit "$secs" --no-progress > "$work/train-$stage.log" 2>&1 || status=1
@@ -60,7 +62,7 @@ while [ $# -gt 0 ]; do
            tail -30 "$work/bench.log" ;;
     pack)  out=${1:?pack needs OUT}; shift
            mkdir -p "$out"
-           for k in draft eagle medusa; do [ -f "$work/$k/draft.safetensors" ] && cp "$work/$k/draft.safetensors" "$out/$k.safetensors"; done
+           for k in draft eagle medusa hydra; do [ -f "$work/$k/draft.safetensors" ] && cp "$work/$k/draft.safetensors" "$out/$k.safetensors"; done
            tar czf "$out/results.tgz" --exclude='*.safetensors' --exclude='checkpoint.pt' -C "$(dirname "$work")" "$(basename "$work")"
            ls -la "$out" ;;
     *) echo "unknown stage $stage"; status=2 ;;

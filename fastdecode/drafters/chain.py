@@ -82,6 +82,14 @@ class Candidates:
         """The `n` of `nodes` (-1 allowed: the root, score 0) with the highest scores."""
         return sorted(nodes, key=lambda j: -self.scores[j] if j >= 0 else 0.0)[:n]
 
+    def path(self, node: int) -> list[int]:
+        """The tokens from the root's first child down to `node` (none for -1, the pending token)."""
+        out: list[int] = []
+        while node >= 0:
+            out.append(self.tokens[node])
+            node = self.parents[node]
+        return out[::-1]
+
     def add(self, parents: list[int], logprobs: list[list[float]], columns: list[list[int]]) -> list[int]:
         """Children of each of `parents`: `columns[i]` with log-probabilities `logprobs[i]`. Returns the new nodes."""
         first = len(self.tokens)

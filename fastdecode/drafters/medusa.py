@@ -15,7 +15,7 @@ speculative sampling. Lossless either way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -32,10 +32,12 @@ class MedusaOptions:
     top_k: int = 8  # greedy: tokens of each head under each expanded node
     adaptive: bool = True
 
+    KIND: ClassVar[str] = "medusa"
+
     def validate(self) -> None:
         if self.num_draft < 1 or self.width < 1 or self.top_k < 1:
-            raise ValueError("medusa: num_draft, width and top_k must be >= 1")
-        check_draft(self.draft, "medusa")
+            raise ValueError(f"{self.KIND}: num_draft, width and top_k must be >= 1")
+        check_draft(self.draft, self.KIND)
 
 
 @register
@@ -69,7 +71,7 @@ class Medusa(Drafter):
                 self.last = result.hidden[row].clone()
 
     def propose(self, ctx: DraftContext) -> Proposal:
-        model = draft_model(ctx.target.model, self.options.draft, "medusa")
+        model = draft_model(ctx.target.model, self.options.draft, self.artifact)
         k = min(self.options.num_draft, len(model.heads), ctx.max_depth, ctx.max_nodes)
         if k < 1 or self.last is None:
             return Proposal()

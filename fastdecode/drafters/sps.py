@@ -38,7 +38,7 @@ def resolve_draft(target: Any, path: str, kind: str = "draft") -> Path:
     for folder, manifest in shipped(kind):
         if same_target(manifest.get("target", {}), eager) is None:
             return folder
-    what = {"eagle": "an EAGLE drafter", "medusa": "Medusa heads"}.get(kind, "a draft model")
+    what = {"eagle": "an EAGLE drafter", "medusa": "Medusa heads", "hydra": "Hydra heads"}.get(kind, "a draft model")
     raise ValueError(f"no {what} ships for this target: train one with `fastdecode train {kind}` and pass draft=PATH")
 
 

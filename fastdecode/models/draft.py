@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -28,7 +28,8 @@ FORMAT = "fastdecode-draft/1"
 WEIGHTS = "draft.safetensors"
 MANIFEST = "manifest.json"
 _SHIPPED = Path(__file__).resolve().parent.parent / "drafts"
-EMBEDDED_DRAFTS = {name: _SHIPPED / name for name in ("smollm2", "smollm2-eagle", "smollm2-medusa")}  # shipped with the package
+# shipped with the package
+EMBEDDED_DRAFTS = {name: _SHIPPED / name for name in ("smollm2", "smollm2-eagle", "smollm2-medusa", "smollm2-hydra")}
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "rope_theta", "arch")
 _SAMPLE = 256  # embedding values recorded to recognise the target
 
@@ -112,29 +113,71 @@ class FeatureDraft(LlamaModel):
         return super().forward(tokens, positions, cache, mask, num_logits, layers, hidden_only, key_mask, inputs_embeds=x)
 
 
-class MedusaDraft(LlamaModel):
-    """Medusa heads (Cai et al. 2024): head k maps the target's feature f_i to f_i + SiLU(W_k f_i + b_k), whose
-    LM-head row is the draft's distribution for token i+1+k (head 0 guesses the token after the target's own
-    next one). No layers of its own: one call drafts every depth. W_k starts at zero (every head starts as
-    the target's own next-token guess)."""
+class HeadsDraft(LlamaModel):
+    """Draft heads on the target's last hidden state, without layers of their own (Medusa, Hydra): head k is
+    `f + SiLU(W_k x + b_k)` through the target's LM head (restricted to the draft vocabulary), W_k starting at
+    zero (every head starts as the target's own next-token guess). What x is, is the subclass's."""
 
     def __init__(self, cfg: ModelConfig, num_heads: int):
         super().__init__(cfg)
         from fastdecode.models.llama import Linear
 
-        self.heads = torch.nn.ModuleList(Linear(cfg.hidden_size, cfg.hidden_size, bias=True) for _ in range(num_heads))
+        D = cfg.hidden_size
+        self.heads = torch.nn.ModuleList(Linear(self.head_inputs(k) * D, D, bias=True) for k in range(num_heads))
+
+    @staticmethod
+    def head_inputs(k: int) -> int:
+        """Vectors of size hidden_size that head k reads."""
+        raise NotImplementedError
+
+    def _head(self, k: int, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return features + torch.nn.functional.silu(self.heads[k](x))
+
+
+class MedusaDraft(HeadsDraft):
+    """Medusa heads (Cai et al. 2024): head k maps the target's feature f_i to f_i + SiLU(W_k f_i + b_k), whose
+    LM-head row is the draft's distribution for token i+2+k (head 0 guesses the token after the target's own
+    next one). One call drafts every depth."""
+
+    @staticmethod
+    def head_inputs(k: int) -> int:
+        return 1
 
     def head_hidden(self, features: torch.Tensor) -> torch.Tensor:
         """(K, *features.shape): each head's hidden state for the features (N, D) or (B, T, D)."""
         x = features.to(self.norm.weight.dtype)
-        return torch.stack([x + torch.nn.functional.silu(h(x)) for h in self.heads])
+        return torch.stack([self._head(k, x, x) for k in range(len(self.heads))])
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
         """(K, ..., V') fp32 logits of every head over the draft vocabulary."""
         return self.lm_head(self.head_hidden(features)).float()
 
 
-KINDS = {"draft": LlamaModel, "eagle": FeatureDraft, "medusa": MedusaDraft}  # the manifest's "kind": what the weights are
+class HydraDraft(HeadsDraft):
+    """Hydra heads (Ankner et al. 2024): sequentially dependent Medusa heads. Head k reads the target's feature
+    f_i and the embeddings of the k+1 tokens after position i (the target's own next token t_{i+1} and the k
+    drafted after it), x = [f_i ; e(t_{i+1}) ; ... ; e(t_{i+1+k})], and guesses t_{i+2+k}. A tree is drafted
+    level by level: head d runs once over the nodes of level d it expands, each with its own path."""
+
+    @staticmethod
+    def head_inputs(k: int) -> int:
+        return k + 2
+
+    def head_hidden(self, k: int, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Head k's hidden state (..., D) for features (..., D) and the tokens after them (..., k+1)."""
+        if tokens.shape[-1] != k + 1:
+            raise ValueError(f"hydra head {k} reads {k + 1} tokens, got {tokens.shape[-1]}")
+        f = features.to(self.norm.weight.dtype)
+        e = self.embed_tokens(tokens).to(f.dtype)  # (..., k+1, D)
+        return self._head(k, f, torch.cat((f[..., None, :], e), -2).flatten(-2))
+
+    def head_logits(self, k: int, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(..., V') fp32 logits of head k over the draft vocabulary."""
+        return self.lm_head(self.head_hidden(k, features, tokens)).float()
+
+
+# the manifest's "kind": what the weights are
+KINDS: dict[str, type[LlamaModel]] = {"draft": LlamaModel, "eagle": FeatureDraft, "medusa": MedusaDraft, "hydra": HydraDraft}
 
 
 def _share_target(draft: LlamaModel, target: Any, vocab: torch.Tensor | None = None) -> LlamaModel:
@@ -195,22 +238,30 @@ def init_eagle(target: Any, layers: list[int], dtype: torch.dtype = torch.float3
     return draft.to(plain.device)
 
 
-def init_medusa(target: Any, num_heads: int, dtype: torch.dtype = torch.float32) -> MedusaDraft:
-    """Trainable Medusa heads for `target`, each starting as the identity (W_k = 0)."""
+def init_heads(target: Any, kind: str, num_heads: int, dtype: torch.dtype = torch.float32) -> HeadsDraft:
+    """Trainable Medusa or Hydra heads (`kind`) for `target`, each starting as the identity (W_k = 0)."""
     target = getattr(target, "eager_model", target)
+    if kind not in ("medusa", "hydra"):
+        raise ValueError(f"heads are of kind medusa or hydra, not {kind!r}")
     if num_heads < 1:
-        raise ValueError(f"medusa needs at least 1 head, got {num_heads}")
+        raise ValueError(f"{kind} needs at least 1 head, got {num_heads}")
+    cls = cast(type[HeadsDraft], KINDS[kind])
     cfg = draft_config(target.cfg, 0, min_layers=0)
     with torch.device("meta"):
-        draft = MedusaDraft(cfg, num_heads)
+        draft = cls(cfg, num_heads)
     D = cfg.hidden_size
     state = {"norm.weight": target.norm.weight.detach().to(dtype=dtype).clone()}
     for k in range(num_heads):
-        state[f"heads.{k}.weight"] = torch.zeros(D, D, dtype=dtype, device=target.device)
+        state[f"heads.{k}.weight"] = torch.zeros(D, cls.head_inputs(k) * D, dtype=dtype, device=target.device)
         state[f"heads.{k}.bias"] = torch.zeros(D, dtype=dtype, device=target.device)
     draft.load_state_dict(state, strict=False, assign=True)
     _share_target(draft, target)
     return draft.to(target.device)
+
+
+def init_medusa(target: Any, num_heads: int, dtype: torch.dtype = torch.float32) -> MedusaDraft:
+    """Trainable Medusa heads for `target`, each starting as the identity (W_k = 0)."""
+    return cast(MedusaDraft, init_heads(target, "medusa", num_heads, dtype))
 
 
 def trainable_state(draft: LlamaModel) -> dict[str, torch.Tensor]:
@@ -234,7 +285,7 @@ def save_draft(
     save_file(state, str(out / WEIGHTS))
     kind = next(k for k, cls in KINDS.items() if type(draft) is cls)
     manifest = {"format": FORMAT, "kind": kind, "num_layers": draft.cfg.num_layers, **manifest}
-    if isinstance(draft, MedusaDraft):
+    if isinstance(draft, HeadsDraft):
         manifest["num_heads"] = len(draft.heads)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return out
@@ -295,11 +346,13 @@ def load_draft(path: str | Path, target: Any, kind: str = "draft") -> LlamaModel
     vocab = state.pop("draft_vocab", None)
     if vocab is not None and (vocab.dim() != 1 or not len(vocab) or int(vocab.min()) < 0 or int(vocab.max()) >= eager.cfg.vocab_size):
         raise ValueError(f"draft model {path}: its draft_vocab is not a list of the target's token ids")
-    cfg = draft_config(eager.cfg, int(manifest["num_layers"]), None if vocab is None else len(vocab), min_layers=int(kind != "medusa"))
-    if kind == "medusa" and int(manifest.get("num_heads", 0)) < 1:
+    cls = KINDS[kind]
+    heads = issubclass(cls, HeadsDraft)
+    cfg = draft_config(eager.cfg, int(manifest["num_layers"]), None if vocab is None else len(vocab), min_layers=int(not heads))
+    if heads and int(manifest.get("num_heads", 0)) < 1:
         raise ValueError(f"draft model {path}: its manifest gives no num_heads")
     with torch.device("meta"):
-        draft = MedusaDraft(cfg, int(manifest.get("num_heads", 0))) if kind == "medusa" else KINDS[kind](cfg)
+        draft = cast(type[HeadsDraft], cls)(cfg, int(manifest["num_heads"])) if heads else cls(cfg)
     state = {k: v.to(device=eager.device, dtype=eager.dtype) for k, v in state.items()}
     missing = draft.load_state_dict(state, strict=False, assign=True).missing_keys
     missing = [k for k in missing if not k.startswith(("embed_tokens.", "lm_head."))]

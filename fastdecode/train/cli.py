@@ -1,4 +1,4 @@
-"""`fastdecode train data` and `fastdecode train draft|eagle|medusa`: thin. Check what needs no model, load, run."""
+"""`fastdecode train data` and `fastdecode train draft|eagle|medusa|hydra`: thin. Check what needs no model, load, run."""
 
 from __future__ import annotations
 
@@ -42,13 +42,14 @@ def add_train_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
     ts = TrainSettings()
     for kind, helptext in (("draft", "distil a small draft model (for sps, bild) from the target on `train data` output"),
                            ("eagle", "train an EAGLE drafter (for eagle) on the target's features, on `train data` output"),
-                           ("medusa", "train Medusa heads (for medusa) on the target's features, on `train data` output")):
+                           ("medusa", "train Medusa heads (for medusa) on the target's features, on `train data` output"),
+                           ("hydra", "train Hydra heads (for hydra) on the target's features and tokens, on `train data` output")):
         r = tsub.add_parser(kind, help=helptext)
         add_model_args(r)
         layers = 1 if kind == "eagle" else ts.layers
         r.add_argument("--data", required=True, help="a folder made by `fastdecode train data`")
         r.add_argument("--out", required=True, help="the artifact folder (draft.safetensors, manifest.json, training.png)")
-        if kind == "medusa":
+        if kind in ("medusa", "hydra"):
             r.add_argument("--heads", type=int, default=ts.heads, help=f"heads, one per draft depth (default {ts.heads})")
         else:
             r.add_argument("--layers", type=int, default=layers, help=f"decoder layers of the draft (default {layers})")
@@ -116,7 +117,7 @@ def run_draft(args: argparse.Namespace) -> int:
     gen = _load(args)
     m = train_draft(gen.model, Path(args.data), Path(args.out), settings, _command(args.kind), args.resume, not args.no_progress)
     met = m["metrics"]
-    what = {"eagle": "EAGLE drafter", "medusa": "Medusa heads"}.get(args.kind, "draft model")
+    what = {"eagle": "EAGLE drafter", "medusa": "Medusa heads", "hydra": "Hydra heads"}.get(args.kind, "draft model")
     print(f"{what} in {args.out}: {m['steps']} steps, {m['tokens_seen']} tokens, {m['train_seconds']:.0f} s; "
           f"held-out agreement {met['heldout_agreement']:.3f}, "
           f"accepted per step (depth {met['chain_depth']}) {met['heldout_accepted_per_step']:.2f}")

@@ -23,6 +23,9 @@ that of the first drafted token (teacher-forced features); the chain estimate is
 `kind="medusa"` (`fastdecode train medusa`) trains `heads` Medusa heads on the target's features: head k at
 row i is trained to give the target's distribution at row i+1+k (the KL, weighted 0.8^k as in Medusa).
 Its held-out agreement is head 0's; its chain estimate assumes every head is as good (an upper bound).
+`kind="hydra"` (`fastdecode train hydra`) trains Hydra heads the same way; head k at row i also reads the
+tokens t_{i+1} .. t_{i+1+k} (teacher-forced: the target's own greedy answer), Hydra's training with the
+target's distribution as soft labels (Hydra++'s teacher loss).
 """
 
 from __future__ import annotations
@@ -38,7 +41,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fastdecode.models.draft import draft_vocabulary, init_draft, init_eagle, init_medusa, save_draft, target_info, trainable_state
+from fastdecode.models.draft import (
+    HydraDraft,
+    draft_vocabulary,
+    init_draft,
+    init_eagle,
+    init_heads,
+    save_draft,
+    target_info,
+    trainable_state,
+)
 from fastdecode.train.data import data_hash, load_split, read_manifest
 
 CHECKPOINT = "checkpoint.pt"
@@ -61,10 +73,10 @@ class TrainSettings:
     seed: int = 0
     time_limit: float = 0.0  # seconds of training before stopping early and saving (0: none)
     draft_vocab: int = 8192  # LM head rows kept: the most frequent answer tokens (0: the whole vocabulary)
-    kind: str = "draft"  # "draft" (a draft model on tokens), "eagle" or "medusa" (drafters on the target's features)
+    kind: str = "draft"  # "draft" (a draft model on tokens), "eagle", "medusa" or "hydra" (drafters on the target's features)
     feature_weight: float = 1.0  # eagle: weight of the feature regression beside the KL
     unroll: int = 1  # eagle: passes over its own predicted features in training (1: teacher-forced only)
-    heads: int = 4  # medusa: heads (draft depth)
+    heads: int = 4  # medusa, hydra: heads (draft depth)
 
     def validate(self) -> None:
         if self.layers < 1:
@@ -79,8 +91,8 @@ class TrainSettings:
             raise ValueError(f"draft_vocab must be >= 0, got {self.draft_vocab}")
         if self.eval_every < 1 or self.save_every < 1 or self.eval_sequences < 1 or self.chain_depth < 1:
             raise ValueError("eval_every, save_every, eval_sequences and chain_depth must be >= 1")
-        if self.kind not in ("draft", "eagle", "medusa"):
-            raise ValueError(f"kind must be draft, eagle or medusa, got {self.kind!r}")
+        if self.kind not in ("draft", "eagle", "medusa", "hydra"):
+            raise ValueError(f"kind must be draft, eagle, medusa or hydra, got {self.kind!r}")
         if not 1 <= self.heads <= 16:
             raise ValueError(f"heads must be in 1..16, got {self.heads}")
         if self.feature_weight < 0 or not 1 <= self.unroll <= 4:
@@ -148,7 +160,18 @@ def draft_rows(draft: Any, ids: torch.Tensor, valid: torch.Tensor, target_hidden
     rows (B, T) bool) whose i-th hidden row predicts what the target's i-th selected row does (the next token).
     A draft model: one pass over the tokens, every valid row. An EAGLE drafter: pass 1 reads (f_i, t_{i+1})
     and stands for row i+1; pass u reads pass u-1's outputs as its features, one row further on. Medusa:
-    head k reads f_i and stands for row i+1+k."""
+    head k reads f_i and stands for row i+1+k. Hydra: head k reads f_i and t_{i+1} .. t_{i+1+k}, and stands
+    for row i+1+k."""
+    if isinstance(draft, HydraDraft):
+        T = ids.shape[1]
+        out = []
+        for k in range(min(len(draft.heads), T - 1)):
+            n = T - 1 - k  # rows i = 0 .. n-1 have their k+1 next tokens
+            tokens = torch.stack([ids[:, 1 + j : 1 + j + n] for j in range(k + 1)], -1)  # (B, n, k+1)
+            rows = torch.zeros_like(valid)
+            rows[:, k + 1 :] = valid[:, k + 1 :]
+            out.append((draft.head_hidden(k, target_hidden[:, :n], tokens)[valid[:, k + 1 :]], rows))
+        return out
     if hasattr(draft, "heads"):
         T = ids.shape[1]
         out = []
@@ -303,9 +326,9 @@ def train_draft(
     head_w = (target.lm_head.weight if vocab is None else target.lm_head.weight[vocab]).detach()  # frozen: the target's rows
     torch.manual_seed(settings.seed)
     draft: Any
-    if settings.kind == "medusa":
+    if settings.kind in ("medusa", "hydra"):
         init = []
-        draft = init_medusa(target, settings.heads, torch.float32)
+        draft = init_heads(target, settings.kind, settings.heads, torch.float32)
     else:
         draft = (init_eagle if settings.kind == "eagle" else init_draft)(target, init, torch.float32)
     draft.train()
