@@ -66,6 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--method", default=DEFAULT_METHOD)
     d.add_argument("--max-new-tokens", type=int, default=128)
 
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (pip install 'fastdecode[serve]')")
+    _add_model_args(sv)
+    sv.add_argument("--method", default=DEFAULT_METHOD, help=f"the default method of requests that name none (default {DEFAULT_METHOD})")
+    sv.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="an option of the default method (repeatable)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health "
+                    "(default: $FASTDECODE_API_KEY if set)")
+    sv.add_argument("--served-model-name", default=None, help="the model id clients send (default: the --model value)")
+    sv.add_argument("--max-batch", type=int, default=64, help="requests decoded at once; more wait in a queue (default 64)")
+    sv.add_argument("--max-tokens", type=int, default=256, help="answer length of requests that give no max_tokens (default 256)")
+    sv.add_argument("--context", type=int, default=None, help="cap the model's context length")
+
     from fastdecode.train.cli import add_train_parser
 
     add_train_parser(sub, _add_model_args)
@@ -188,6 +201,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if all(r.identical or r.tie for r in rows) else 1
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise UsageError(f"fastdecode serve needs the serve extra ({e.name} is missing): pip install 'fastdecode[serve]'") from None
+    import fastdecode
+    from fastdecode.api import resolve_device, resolve_dtype
+    from fastdecode.drafters import get_method, make_options
+    from fastdecode.models.loader import resolve
+    from fastdecode.serve import create_app
+
+    # check everything that needs no model before the (slow) load
+    opts = parse_opts(args.opt)
+    make_options(get_method(args.method), opts)
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    for name in ("max_batch", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.context is not None and args.context < 2:
+        raise ValueError(f"--context must be >= 2, got {args.context}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("FASTDECODE_API_KEY") or None
+    if api_key is not None and not api_key.strip():
+        raise ValueError("--api-key is empty")
+    resolve(args.model)
+    resolve_dtype(args.dtype, resolve_device(args.device))
+    name = args.served_model_name or args.model
+    app = create_app(
+        lambda: fastdecode.load(args.model, device=args.device, dtype=args.dtype, context=args.context, verbose=args.verbose or None),
+        name, method=args.method, method_options=opts, api_key=api_key, max_batch=args.max_batch, max_tokens=args.max_tokens,
+    )
+    print(f"fastdecode serve: {name} at http://{args.host}:{args.port}/v1 (default method {args.method}; "
+          f"/health answers 503 until the model is loaded)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -197,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         return int(args.run(args))
     except (UsageError, ValueError, FileNotFoundError) as e:
         message = " ".join(str(e).split())  # one line, whatever the exception held

@@ -52,7 +52,28 @@ def add_bench_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
         default=None,
         help="run nothing: summarize DIR/results.jsonl again (filtered by --categories and --per-category) into --out",
     )
+    e = b.add_argument_group("a running server (--endpoint): load it with concurrent streams instead of loading a model")
+    e.add_argument("--endpoint", default=None, metavar="URL", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
+    e.add_argument("--concurrency", type=int, default=8, help="concurrent streams (default 8)")
+    e.add_argument("--duration", type=float, default=None, help="seconds to keep issuing requests, cycling prompts (default: each once)")
+    e.add_argument("--endpoint-model", default=None, help="the model id to send (default: the first of /v1/models)")
+    e.add_argument("--endpoint-method", default=None, help="a `method` field for fastdecode serve (default: none sent)")
+    e.add_argument("--api-key", default=None, help="sent as Authorization: Bearer KEY")
+    e.add_argument("--reference", default=None, metavar="ANSWERS_JSONL", help="count answers equal to this earlier run's")
+    e.add_argument("--max-prompt-chars", type=int, default=2000, help="leave out longer prompts (default 2000)")
     b.set_defaults(run=run_bench_command)
+
+
+def endpoint_prompts(args: argparse.Namespace) -> list[Any]:
+    """The workload's first turns for --endpoint: chat prompts no longer than --max-prompt-chars."""
+    workload = load_workload(args.workload, args.seed)
+    if args.categories:
+        workload = workload.only(split_list(args.categories))
+    workload, _ = workload.select(default_per_category(args.workload, args.per_category),
+                                  lambda p: not p.raw and len(p.turns[0]) <= args.max_prompt_chars)
+    if not workload.prompts:
+        raise ValueError(f"no chat prompt of {args.workload} has at most {args.max_prompt_chars} characters")
+    return list(workload.prompts)
 
 
 def split_list(text: str) -> list[str]:
@@ -214,6 +235,10 @@ def report_only(args: argparse.Namespace) -> int:
 def run_bench_command(args: argparse.Namespace) -> int:
     if args.report_only is not None:
         return report_only(args)
+    if args.endpoint is not None:
+        from fastdecode.bench.endpoint import run_endpoint_command
+
+        return run_endpoint_command(args, endpoint_prompts(args))
     import torch
 
     import fastdecode

@@ -419,6 +419,36 @@ class LlamaModel(nn.Module):
             device=self.device,
         )
 
+    def attention_inputs(
+        self, x: torch.Tensor, positions: torch.Tensor, start: int, mask: torch.Tensor | None, hidden_only: bool = False,
+        key_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, PositionPlan | None]:
+        """What every layer's attention reads for new rows `x` (B, T, D) at `positions` written from cache slot
+        `start` (see `forward` for `mask` and `key_mask`): the full mask for SDPA (None: every row sees the whole
+        cache) and the row-invariant path's position plan (None: not taken). Also used by the server's batched
+        forwards (serve/batching.py), which must attend exactly as a forward of these rows alone does."""
+        B, T = positions.shape
+        full_mask: torch.Tensor | None = None  # None with T == 1: the row sees the whole cache
+        # CPU bf16: every layer reads the cache through one plan, row-invariant (see PositionPlan). Not for a
+        # prefill (hidden_only): every method prefills the same prompt the same way, and SDPA is faster there
+        rep = self.cfg.num_heads // self.cfg.num_kv_heads
+        whole = mask is not None and mask.shape[-1] == start + T and start > 0  # a mask over the cache too (a drafter's tree)
+        invariant = row_invariant(x, B * T) and not hidden_only and key_mask is None and not whole
+        plan = position_plan(positions, mask, start, rep) if invariant else None
+        if whole:
+            assert mask is not None and key_mask is None
+            full_mask = mask[:, None]
+        elif plan is None and (T > 1 or key_mask is not None):
+            if mask is None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril_()[None].expand(B, T, T)
+            if key_mask is None:
+                prefix = torch.ones(B, T, start, dtype=torch.bool, device=x.device)
+            else:  # padding slots are never seen; a padding row sees itself only (no empty softmax, no NaN)
+                prefix = key_mask[:, None, :start].expand(B, T, start)
+                mask = (mask & key_mask[:, None, start:]) | torch.eye(T, dtype=torch.bool, device=x.device)
+            full_mask = torch.cat((prefix, mask), dim=-1)[:, None]  # (B, 1, T, start+T)
+        return full_mask, plan
+
     def forward(
         self,
         tokens: torch.Tensor,  # (B, T) token ids of the new rows
@@ -440,25 +470,7 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         cos = self.rope_cos[positions].to(x.dtype)[:, None]  # (B, 1, T, hd)
         sin = self.rope_sin[positions].to(x.dtype)[:, None]
-        full_mask: torch.Tensor | None = None  # None with T == 1: the row sees the whole cache
-        # CPU bf16: every layer reads the cache through one plan, row-invariant (see PositionPlan). Not for a
-        # prefill (hidden_only): every method prefills the same prompt the same way, and SDPA is faster there
-        rep = self.cfg.num_heads // self.cfg.num_kv_heads
-        whole = mask is not None and mask.shape[-1] == start + T and start > 0  # a mask over the cache too (a drafter's tree)
-        invariant = row_invariant(x, B * T) and not hidden_only and key_mask is None and not whole
-        plan = position_plan(positions, mask, start, rep) if invariant else None
-        if whole:
-            assert mask is not None and key_mask is None
-            full_mask = mask[:, None]
-        elif plan is None and (T > 1 or key_mask is not None):
-            if mask is None:
-                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril_()[None].expand(B, T, T)
-            if key_mask is None:
-                prefix = torch.ones(B, T, start, dtype=torch.bool, device=x.device)
-            else:  # padding slots are never seen; a padding row sees itself only (no empty softmax, no NaN)
-                prefix = key_mask[:, None, :start].expand(B, T, start)
-                mask = (mask & key_mask[:, None, start:]) | torch.eye(T, dtype=torch.bool, device=x.device)
-            full_mask = torch.cat((prefix, mask), dim=-1)[:, None]  # (B, 1, T, start+T)
+        full_mask, plan = self.attention_inputs(x, positions, start, mask, hidden_only, key_mask)
         layer_ids = range(self.cfg.num_layers) if layers is None else layers
         for slot, li in enumerate(layer_ids):
             block = typing.cast(Block, self.layers[li])
