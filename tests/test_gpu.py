@@ -384,3 +384,28 @@ def test_eagle_tree_through_a_runner_is_ar(device: str, tmp_path) -> None:
     for width in (1, 8):
         out, stats = run("eagle", draft=str(tmp_path / "e"), adaptive=False, num_draft=4, width=width)
         assert out == ref and stats.drafted > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rsd_tree_through_a_runner_is_ar_and_samples(device: str, tmp_path) -> None:
+    """With a graph-runner target, `rsd` runs its draft model eagerly in a plain cache of its own (tree masks
+    over the whole cache): greedy output stays `ar`'s, the target as its own draft has nearly every path
+    accepted, and the rejection sampler's per-sibling distributions live on the device the verifier reads."""
+    from fastdecode.drafters.rsd import tree_size
+    from fastdecode.models.draft import init_draft, save_draft, target_info
+
+    model = tiny(device)
+    runner = GraphRunner(model, compile=False, verbose=False)
+    save_draft(init_draft(model, [0, 1, 2]), tmp_path / "same", {"target": target_info(model)}, dtype=torch.float32)
+    engine = Engine(runner)  # type: ignore[arg-type]
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
+    opts = dict(draft=str(tmp_path / "same"), adaptive=False, branches=(3, 2, 1))
+
+    ref, _ = run_engine(runner, prompt, "ar", SamplingParams(), 40, engine=engine)
+    out, stats = run_engine(runner, prompt, "rsd", SamplingParams(), 40, engine=engine, **opts)
+    assert out == ref and stats.drafted > 0
+    assert {t.rows for t in stats.trace[:-1]} == {1 + tree_size((3, 2, 1))}
+    assert stats.accepted >= 0.9 * 3 * (stats.steps - 1)  # fp32 on a GPU rounds by width: a tie may cut a path now and then
+    params = SamplingParams(temperature=1.0, seed=1, sampler="rejection")
+    out, stats = run_engine(runner, prompt, "rsd", params, 40, engine=engine, **opts)
+    assert len(out) == 40 and stats.accepted > 0

@@ -1,6 +1,6 @@
 """Drafters, one per file, registered by name. Importing this package registers them all."""
 
-from fastdecode.drafters import ar, auto, bild, eagle, hydra, layerskip, lookahead, medusa, ngram, pld, sps, testing  # noqa: F401  (registration)
+from fastdecode.drafters import ar, auto, bild, eagle, hydra, layerskip, lookahead, medusa, ngram, pld, rsd, sps, testing  # noqa: F401  (registration)
 from fastdecode.drafters.base import (
     DraftContext,
     Drafter,
