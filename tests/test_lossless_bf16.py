@@ -30,6 +30,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {  # variant -> (method, option
     "sps-lookup": ("sps", {"lookup": 8}),
     "eagle": ("eagle", {}),  # the EAGLE drafter shipped for SmolLM2: a tree (greedy)
     "medusa": ("medusa", {}),  # the Medusa heads shipped for SmolLM2: a tree
+    "hydra": ("hydra", {}),  # the Hydra heads shipped for SmolLM2: a tree drafted level by level
     "rsd": ("rsd", {}),  # the sps draft model shipped for SmolLM2, drafting a tree (3, 2, 2, 1, 1, 1)
     "_random-tree": ("_random-tree", {}),
     "_self": ("_self", {}),
