@@ -9,7 +9,9 @@
 #   medusa: fastdecode train medusa (MEDUSA_SECONDS, MEDUSA_ARGS); the artifact goes to WORK/medusa
 #   hydra: fastdecode train hydra (HYDRA_SECONDS, HYDRA_ARGS); the artifact goes to WORK/hydra
 #   check: a short greedy bench with the new artifacts (13 prompts, 128 tokens; CHECK_METHODS)
-#   bench: the Spec-Bench run of docs/benchmarks.md (PER_CATEGORY prompts a category, 256 tokens; BENCH_METHODS)
+#   bench: the Spec-Bench run of docs/benchmarks.md (PER_CATEGORY prompts a category, 256 tokens; BENCH_METHODS),
+#          into WORK/$BENCH_NAME (default bench)
+#   profile: scripts/profile_step.py for PROFILE_METHODS (the draft / verify / host split and a cProfile) into WORK/profile
 #   pack OUT: the two weight files and one archive of everything else (logs, manifests, plots, bench results) to OUT
 set -uo pipefail
 work=${1:?usage: scripts/gpu_train.sh WORK [stage ...]}
@@ -24,8 +26,8 @@ status=0
 { date -u; nvidia-smi --query-gpu=name,driver_version --format=csv; "$py" -c 'import torch; print(torch.__version__)'; } > "$work/machine.txt" 2>&1
 opts_for() {  # --opt METHOD.draft=... for the listed trained methods whose artifact this run made (else: the shipped one)
   local o="" m k
-  for m in sps bild eagle medusa hydra; do
-    case $m in sps|bild) k=draft ;; *) k=$m ;; esac
+  for m in sps bild rsd eagle medusa hydra; do
+    case $m in sps|bild|rsd) k=draft ;; *) k=$m ;; esac
     case ",$1" in *,$m*) [ -f "$work/$k/draft.safetensors" ] && o="$o --opt $m.draft=$work/$k" ;; esac
   done
   echo "$o"
@@ -58,8 +60,13 @@ while [ $# -gt 0 ]; do
            tail -20 "$work/check.log" ;;
     bench) m=${BENCH_METHODS:-ar,pld,sps,sps[lookup=8],bild,eagle,medusa}
            "$py" -m fastdecode bench --model "$model" --device cuda --dtype bf16 --methods "$m" $(opts_for "$m") \
-             --per-category "${PER_CATEGORY:-10}" --max-turns 1 --max-new-tokens 256 --out "$work/bench" --no-progress > "$work/bench.log" 2>&1 || status=1
-           tail -30 "$work/bench.log" ;;
+             --per-category "${PER_CATEGORY:-10}" --max-turns 1 --max-new-tokens 256 --out "$work/${BENCH_NAME:-bench}" --no-progress \
+             > "$work/${BENCH_NAME:-bench}.log" 2>&1 || status=1
+           tail -30 "$work/${BENCH_NAME:-bench}.log" ;;
+    profile) m=${PROFILE_METHODS:-ar,pld,sps,eagle,hydra}
+           "$py" scripts/profile_step.py --model "$model" --device cuda --dtype bf16 --methods "$m" \
+             $(opts_for "$m") --out "$work/profile" > "$work/profile.log" 2>&1 || status=1
+           tail -12 "$work/profile.log" ;;
     pack)  out=${1:?pack needs OUT}; shift
            mkdir -p "$out"
            for k in draft eagle medusa hydra; do [ -f "$work/$k/draft.safetensors" ] && cp "$work/$k/draft.safetensors" "$out/$k.safetensors"; done

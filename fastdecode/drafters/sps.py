@@ -47,16 +47,20 @@ def draft_model(target: Any, path: str, kind: str = "draft") -> Any:
     graphs of its own where the target does; an EAGLE drafter runs eagerly (its graphs would need feature inputs)."""
     from fastdecode.models.draft import load_draft
 
+    loaded = _LOADED.setdefault(target, {})  # dies with the target: a new model never gets another's draft
+    named = f"{kind}:{path}"  # drafters ask every step: the folder is resolved (manifests read, target compared) once
+    if named in loaded:
+        return loaded[named]
     folder = resolve_draft(target, path, kind)
     key = str(folder.resolve())
-    loaded = _LOADED.setdefault(target, {})  # dies with the target: a new model never gets another's draft
-    if key not in loaded:
+    if key not in loaded:  # the same folder named another way shares the loaded model
         model: Any = load_draft(folder, target, kind)
         if kind == "draft" and hasattr(target, "eager_model"):  # the target replays CUDA graphs: so does the draft
             from fastdecode.cuda_graphs import GraphRunner
 
             model = GraphRunner(model, verbose=getattr(target, "verbose", None))
         loaded[key] = model
+    loaded[named] = loaded[key]
     return loaded[key]
 
 
