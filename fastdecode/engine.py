@@ -5,6 +5,7 @@ and timed the same way. The engine never decides acceptance (verify.py does) and
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from fastdecode.sampling import SamplingParams, choose_tokens, target_probs
 from fastdecode.verify import verify_match, verify_rejection
 
 CACHE_SLACK = 256  # KV rows beyond prompt + max_new_tokens, for draft rows of the last steps
+PREFILL_ROWS = 128  # generate_batch prefills its prompts in groups of this many
 
 
 @dataclass
@@ -326,8 +328,16 @@ class Engine:
         out: list[list[int]] = [[] for _ in prompts]
         done = [False] * B
         with torch.inference_mode():
-            logits, _ = model(ids.to(dev), positions.to(dev), cache, num_logits=1, key_mask=visible[:, :L])
-            nxt = logits[:, -1].argmax(-1)
+            # the prompts in groups of PREFILL_ROWS: a prefill's activations and mask grow with rows x L x L
+            firsts = []
+            for b0 in range(0, B, PREFILL_ROWS):
+                part = copy.copy(cache)  # a view of these rows of the cache: the forward writes through it
+                part.k, part.v = cache.k[:, b0 : b0 + PREFILL_ROWS], cache.v[:, b0 : b0 + PREFILL_ROWS]
+                logits, _ = model(ids[b0 : b0 + PREFILL_ROWS].to(dev), positions[b0 : b0 + PREFILL_ROWS].to(dev), part, num_logits=1,
+                                  key_mask=visible[b0 : b0 + PREFILL_ROWS, :L])
+                firsts.append(logits[:, -1].argmax(-1))
+            cache.length = L
+            nxt = torch.cat(firsts)
             lengths = torch.tensor([len(p) for p in prompts], device=dev)
             for step in range(max_new_tokens):
                 for b, t in enumerate(nxt.tolist()):

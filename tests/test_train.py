@@ -60,7 +60,11 @@ def source(tmp_path: Path) -> Path:
 # ------------------------------------------------------------------ batched generation
 
 
-def test_generate_batch_answers_like_ar(target: Any) -> None:
+@pytest.mark.parametrize("prefill_rows", [128, 4])
+def test_generate_batch_answers_like_ar(target: Any, prefill_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fastdecode.engine
+
+    monkeypatch.setattr(fastdecode.engine, "PREFILL_ROWS", prefill_rows)  # 4: the prompts prefill in two groups
     rng = random.Random(1)
     prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, 18))] for _ in range(6)]
     engine = Engine(target)
