@@ -96,6 +96,10 @@ def create_app(
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(APIError(str(exc.detail), status=exc.status_code, code=None))
 
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:  # a route's refusal (e.g. check_key)
+        return error_response(exc)
+
     @app.get("/health")
     async def health() -> JSONResponse:
         if scheduler.failed is not None:
@@ -106,18 +110,12 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
-        try:
-            check_key(request)
-        except APIError as e:
-            return error_response(e)
+        check_key(request)
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
-        try:
-            check_key(request)
-        except APIError as e:
-            return error_response(e)
+        check_key(request)
         return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "fastdecode"}]})
 
     async def watch_client(request: Request, job: Job, events: asyncio.Queue[Event]) -> None:
