@@ -358,6 +358,25 @@ def test_select_rows_and_generation_time() -> None:
     assert speedup([(rows[1], rows[0])]) == pytest.approx(0.5)
 
 
+def test_rejection_sampler_runs_reach_the_drafters(tmp_path: Path) -> None:
+    """--sampler rejection: every method's generations use speculative sampling (pld's drafts then verify by the
+    rejection rule), the run records its sampler, and differing text is no failure (same distribution, other draws)."""
+    seen: list[str] = []
+    real = Generator.generate
+
+    def generate(self: Generator, prompt: Any, method: str = "pld", **kwargs: Any) -> Generation:
+        seen.append(kwargs["sampler"])
+        return real(self, prompt, method, **kwargs)
+
+    settings = BenchSettings(with_reference([MethodSpec("pld")]), max_new_tokens=12, temperature=0.8, warmup=0, sampler="rejection")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Generator, "generate", generate)
+        rows = run(tmp_path, tiny_generator(), settings)
+    assert seen and set(seen) == {"rejection"}
+    assert not any(r["flag"] for r in rows)
+    assert {r["method"] for r in rows} == {"ar", "pld"}
+
+
 def test_cli_checks_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "not-rows").mkdir()
     (tmp_path / "not-rows" / RESULTS).write_text('{"a": 1}\n[2]\n')
@@ -379,6 +398,8 @@ def test_cli_checks_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture
         ["bench", "--peers", "vllm"],
         ["bench", "--workload", str(tmp_path / "missing.jsonl")],
         ["bench", "--max-new-tokens", "0"],
+        ["bench", "--sampler", "rejection"],  # greedy has no sampler
+        ["bench", "--sampler", "nucleus", "--temperature", "0.7"],
         ["bench", "--report-only", str(tmp_path / "nothing-here")],
         ["bench", "--report-only", str(tmp_path / "not-rows")],
     ):

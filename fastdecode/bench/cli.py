@@ -37,6 +37,9 @@ def add_bench_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
     b.add_argument("--max-turns", type=int, default=None, help="answer only the first N turns of each prompt (default: all)")
     b.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); exactness is judged on greedy runs")
     b.add_argument("--seed", type=int, default=0, help="sampling runs and the ShareGPT sample derive from it")
+    b.add_argument("--sampler", default="gumbel", choices=("gumbel", "rejection"),
+                   help="sampling runs: gumbel (the seed's noise: the same text as ar) or rejection (speculative sampling: "
+                        "the same distribution as ar, other draws); needs --temperature > 0")
     b.add_argument("--peers", default="", help="comma-separated peer tools: transformers, llamacpp (pip install fastdecode[peers])")
     b.add_argument("--peer-per-category", type=int, default=None, help="peers run on the first N prompts of each category only")
     b.add_argument("--assistant", default=None,
@@ -151,6 +154,8 @@ def command_line(args: argparse.Namespace) -> str:
     parts += [x for k, v in optional.items() if v is not None for x in (k, str(v))]
     if args.seed:
         parts += ["--seed", str(args.seed)]
+    if getattr(args, "sampler", "gumbel") != "gumbel":
+        parts += ["--sampler", args.sampler]
     parts += ["--warmup", str(args.warmup), "--out", args.out]
     return shlex.join(parts)
 
@@ -249,7 +254,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     # 1. everything that needs no model
     settings = BenchSettings(
-        method_specs(args.methods, args.opt), args.max_new_tokens, args.temperature, args.warmup, args.seed, args.peer_per_category
+        method_specs(args.methods, args.opt), args.max_new_tokens, args.temperature, args.warmup, args.seed, args.peer_per_category,
+        args.sampler,
     ).validate()
     peer_names = split_list(args.peers)
     check_peer_names(peer_names)
@@ -282,7 +288,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         "provenance": provenance(gen.device, gen.dtype, gen.row_invariant),
         "setup": {"model": args.model, "workload": args.workload, "max_new_tokens": settings.max_new_tokens,
                   "temperature": settings.temperature, "seed": settings.seed, "top_logits": TOP_K,
-                  "max_turns": args.max_turns},
+                  "max_turns": args.max_turns} | ({"sampler": settings.sampler} if settings.sampler != "gumbel" else {}),
     }
     notice = lambda msg: print(f"bench: {msg}", file=sys.stderr)  # noqa: E731
     peers = []

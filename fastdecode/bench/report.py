@@ -125,6 +125,7 @@ def _verdict(d: dict[str, Any]) -> str:
 
 def render_markdown(summary: dict[str, Any], meta: dict[str, Any], plots: Sequence[str]) -> str:
     setup = meta["setup"]
+    sampler = f", sampler {setup['sampler']}" if setup.get("sampler") else ""  # recorded when not the default (gumbel)
     lines = [
         f"# fastdecode bench: {setup.get('workload')}",
         "",
@@ -132,7 +133,7 @@ def render_markdown(summary: dict[str, Any], meta: dict[str, Any], plots: Sequen
         f"- command: `{meta['command']}`",
         *([f"- summarized from its rows by: `{meta['report_command']}`"] if meta.get("report_command") else []),
         f"- model {setup.get('model')}, prompts: {meta['prompts']}, max_new_tokens {setup.get('max_new_tokens')}, "
-        f"temperature {setup.get('temperature')}, warm-up {meta.get('warmup', '?')} generation(s) per method",
+        f"temperature {setup.get('temperature')}{sampler}, warm-up {meta.get('warmup', '?')} generation(s) per method",
         "- speedup = (total new tokens ÷ total wall time, prefill included, one-time graph capture excluded) ÷ the same for "
         "`ar` over the same prompts; "
         "methods interleaved per prompt. CPU figures are ratios; absolute times are trusted from the GPU only.",

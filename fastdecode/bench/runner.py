@@ -69,6 +69,7 @@ class BenchSettings:
     warmup: int = 1  # untimed generations per method (and peer) before the first prompt
     seed: int = 0  # sampling runs: each prompt's seed derives from it and the prompt id
     peer_per_category: int | None = None  # peers run on the first N prompts of each category (None: all)
+    sampler: str = "gumbel"  # sampling runs: "gumbel" (same seed, same text as `ar`) or "rejection" (speculative sampling)
 
     @property
     def greedy(self) -> bool:
@@ -81,6 +82,10 @@ class BenchSettings:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.sampler not in ("gumbel", "rejection"):
+            raise ValueError(f"--sampler must be gumbel or rejection, got {self.sampler!r}")
+        if self.sampler != "gumbel" and self.greedy:
+            raise ValueError("--sampler rejection needs --temperature > 0: a greedy run has no sampler")
         if self.peer_per_category is not None and self.peer_per_category < 1:
             raise ValueError(f"--peer-per-category must be >= 1, got {self.peer_per_category}")
         labels = [m.label for m in self.methods]
@@ -167,6 +172,7 @@ def method_turn(generator: Generator, method: MethodSpec, settings: BenchSetting
         max_new_tokens=max_new,
         temperature=settings.temperature,
         seed=seed,
+        sampler=settings.sampler,
         top_logits=TOP_K if settings.greedy else 0,
         **dict(method.options),
     )
