@@ -360,7 +360,7 @@ def test_select_rows_and_generation_time() -> None:
 
 def test_rejection_sampler_runs_reach_the_drafters(tmp_path: Path) -> None:
     """--sampler rejection: every method's generations use speculative sampling (pld's drafts then verify by the
-    rejection rule), the run records its sampler, and differing text is no failure (same distribution, other draws)."""
+    rejection rule), and text that differs from `ar`'s is no failure (the same distribution, other draws)."""
     seen: list[str] = []
     real = Generator.generate
 

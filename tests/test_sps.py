@@ -93,9 +93,7 @@ def test_sps_options_and_missing_drafts(tiny_model: Any, tmp_path: Path) -> None
         run_engine(tiny_model, tiny_prompt(0), "sps", SamplingParams(), 4, drafter=make_drafter("sps", draft=str(folder)))
 
 
-
-def test_the_draft_is_resolved_once_per_target_not_every_step(tiny_model: Any, drafts: dict[str, str],
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_draft_is_resolved_once_per_target_not_every_step(drafts: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Drafters ask for their model every step; reading the manifests and comparing the target each time
     cost ~1 ms a step on the CPU and more on a GPU (a device read). The same (target, kind, path) is resolved once."""
     import fastdecode.drafters.sps as sps_module
@@ -103,13 +101,16 @@ def test_the_draft_is_resolved_once_per_target_not_every_step(tiny_model: Any, d
     calls: list[str] = []
     real = sps_module.resolve_draft
     monkeypatch.setattr(sps_module, "resolve_draft", lambda target, path, kind="draft": calls.append(path) or real(target, path, kind))
-    first = sps_module.draft_model(tiny_model, drafts["weak"])
-    run_engine(tiny_model, tiny_prompt(0), "sps", SamplingParams(), 12, drafter=make_drafter("sps", draft=drafts["weak"]))
-    assert sps_module.draft_model(tiny_model, drafts["weak"]) is first
+    target = make_tiny_model()  # the tiny target's weights, in a model no other test has loaded a draft for
+    first = sps_module.draft_model(target, drafts["weak"])
+    run_engine(target, tiny_prompt(0), "sps", SamplingParams(), 12, drafter=make_drafter("sps", draft=drafts["weak"]))
+    assert sps_module.draft_model(target, drafts["weak"]) is first
     assert calls == [drafts["weak"]]
     other = make_tiny_model(seed=3)  # another target resolves (and refuses) its own
     with pytest.raises(ValueError, match="another target"):
         sps_module.draft_model(other, drafts["weak"])
+
+
 # ------------------------------------------------------------------ bild
 
 
