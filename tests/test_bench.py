@@ -375,6 +375,12 @@ def test_rejection_sampler_runs_reach_the_drafters(tmp_path: Path) -> None:
     assert seen and set(seen) == {"rejection"}
     assert not any(r["flag"] for r in rows)
     assert {r["method"] for r in rows} == {"ar", "pld"}
+    summary = summarize(rows)
+    meta = {**RECORD, "setup": {**RECORD["setup"], "temperature": 0.8, "sampler": "rejection"}, "command": "x", "date": "today",
+            "prompts": 3, "warmup": 0}
+    text = render_markdown(summary, meta, [])
+    assert "temperature 0.8, sampler rejection" in text and "no test of losslessness here" in text
+    assert "## Divergences" not in text and "**FAIL**" not in text
 
 
 def test_cli_checks_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
