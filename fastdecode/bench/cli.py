@@ -16,6 +16,7 @@ from typing import Any
 
 from fastdecode.bench.runner import RESULTS, TOP_K, BenchSettings, MethodSpec, with_reference
 from fastdecode.bench.workloads import WORKLOADS, default_per_category, load_workload
+from fastdecode.sampling import SAMPLERS
 
 DEFAULT_METHODS = "ar,pld"
 DEFAULT_OUT = "bench-out"
@@ -37,7 +38,7 @@ def add_bench_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
     b.add_argument("--max-turns", type=int, default=None, help="answer only the first N turns of each prompt (default: all)")
     b.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); exactness is judged on greedy runs")
     b.add_argument("--seed", type=int, default=0, help="sampling runs and the ShareGPT sample derive from it")
-    b.add_argument("--sampler", default="gumbel", choices=("gumbel", "rejection"),
+    b.add_argument("--sampler", default="gumbel", choices=SAMPLERS,
                    help="sampling runs: gumbel (the seed's noise: the same text as ar) or rejection (speculative sampling: "
                         "the same distribution as ar, other draws); needs --temperature > 0")
     b.add_argument("--peers", default="", help="comma-separated peer tools: transformers, llamacpp (pip install fastdecode[peers])")
@@ -154,7 +155,7 @@ def command_line(args: argparse.Namespace) -> str:
     parts += [x for k, v in optional.items() if v is not None for x in (k, str(v))]
     if args.seed:
         parts += ["--seed", str(args.seed)]
-    if getattr(args, "sampler", "gumbel") != "gumbel":
+    if args.sampler != "gumbel":
         parts += ["--sampler", args.sampler]
     parts += ["--warmup", str(args.warmup), "--out", args.out]
     return shlex.join(parts)

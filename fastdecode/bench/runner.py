@@ -29,6 +29,7 @@ from fastdecode.bench.workloads import BenchPrompt, Workload
 from fastdecode.drafters import get_method, make_options
 from fastdecode.engine import GenerationStats
 from fastdecode.exactness import first_divergence
+from fastdecode.sampling import SAMPLERS
 
 REFERENCE = "ar"
 TOP_K = 8  # the target's top-k logits kept per token of greedy runs, for the numeric-tie rule
@@ -82,8 +83,8 @@ class BenchSettings:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
-        if self.sampler not in ("gumbel", "rejection"):
-            raise ValueError(f"--sampler must be gumbel or rejection, got {self.sampler!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.sampler != "gumbel" and self.greedy:
             raise ValueError("--sampler rejection needs --temperature > 0: a greedy run has no sampler")
         if self.peer_per_category is not None and self.peer_per_category < 1:
