@@ -62,6 +62,7 @@ WIDTHS = (1, 2, 4, 8, 16, 32, 64)  # verify / AR forwards, padded up to one of t
 PREFILL_WIDTHS = (128, 256, 512, 1024, 2048)  # prefill chunks; longer prompts run in several chunks
 MIN_SPAN = 256  # the smallest cache span attention reads; spans are powers of two from here
 MAX_ATTN_SPLITS = 64  # splits of the fused attention (longer contexts get longer splits, never more)
+BATCH_WIDTHS = (16, 32, 64, 128, 256, 512)  # forwards of several sequences' rows (the server's batches), padded up
 
 
 # How each fused linear launches (triton_kernels.fused_linear): columns per program, K chunk, tensor cores or
@@ -134,6 +135,34 @@ def span_bucket(need: int, cap: int) -> int:
     while s < need:
         s *= 2
     return min(s, cap)
+
+
+def tree_paths(mask: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where each new row finds its keys among the new rows, for the fused attention: (t, d, j) triples, row t
+    sees row j at depth d (its position minus the forward's start). The rows must be tree paths: row t sees
+    depth[t] + 1 rows, one at each depth 0 .. depth[t] (a chain, a draft tree, lookahead rows); else ValueError."""
+    T = mask.shape[0]
+    tt, jj = np.nonzero(mask)
+    ok = T > 0 and depth.min() >= 0 and depth.max() < T and np.array_equal(np.bincount(tt, minlength=T), depth + 1)
+    if ok and (depth[jj] <= depth[tt]).all():
+        seen = np.zeros((T, T), dtype=bool)
+        seen[tt, depth[jj]] = True
+        ok = bool((seen.sum(1) == depth + 1).all())
+    else:
+        ok = False
+    if not ok:
+        raise ValueError("a forward's rows must be tree paths: each row sees one new row per position up to its own")
+    return tt, depth[jj], jj
+
+
+def row_paths(mask: torch.Tensor | None, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`tree_paths` of a forward's rows: `mask` (1, T, T) among them, or None for a chain (row t at depth t)."""
+    if mask is None:
+        tt, jj = np.tril_indices(len(depth))
+        if not np.array_equal(depth, np.arange(len(depth))):
+            raise ValueError("a causal forward's rows must sit at consecutive positions from the cache's length")
+        return tt, jj, jj
+    return tree_paths(mask.reshape(mask.shape[-2], mask.shape[-1]).to("cpu", torch.int64).numpy(), depth)
 
 
 # ---------------------------------------------------------------- the fusable pieces (pure functions)
@@ -221,6 +250,16 @@ class StaticKVCache(KVCache):
         return self.k.numel() * self.k.element_size() * 2
 
 
+class PoolKVCache(StaticKVCache):
+    """One sequence's cache in the runner's pool (`GraphRunner.new_pool`): views of the pool's storage, whose
+    slot `base + c` holds position c. Batched forwards (`forward_batch`) write and read it there."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, max_len: int, index: int, base: int):
+        super().__init__(k, v, max_len)
+        self.index = index  # which of the pool's caches
+        self.base = base  # its first slot in the pool's storage
+
+
 GraphKey = tuple[int, int, bool, bool, tuple[int, ...] | None]  # (width, span, causal, logits, layers or None = all)
 
 
@@ -270,6 +309,8 @@ class GraphRunner:
         self._argmax: torch.Tensor | None = None  # the last forward's per-row argmax (a graph output), if it had logits
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._storage: tuple[torch.Tensor, torch.Tensor] | None = None  # the target's cache
+        self._seq_pool: tuple[torch.Tensor, torch.Tensor] | None = None  # many sequences' caches (new_pool), for forward_batch
+        self.batch_graphs: dict[int, _Graph] = {}  # forward_batch's graphs, by rows bucket
         self._draft_storage: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer-subset caches, by layer count
         cfg = self.cfg
         d = cfg.hidden_size
@@ -417,6 +458,127 @@ class GraphRunner:
             logits = logits[:, -num_logits:]
         return logits, hidden
 
+    # ------------------------------------------------------------ many sequences in one forward (the server)
+
+    @property
+    def batches_sequences(self) -> bool:
+        """Whether `forward_batch` runs here: the fused kernels compute every row alone (tensor cores in 16-row
+        tiles, attention a program per row), so rows of several sequences can share a forward and each keeps
+        the bits of its sequence's own batch-1 forward."""
+        return self.kernels == "triton" and self._fused(WIDTHS[-1])
+
+    def new_pool(self, size: int) -> list[PoolKVCache]:
+        """`size` caches of the model's whole context in one storage, for sequences whose verify forwards run
+        together (`forward_batch`). Calling it again hands out the same storage (a new size: a new storage)."""
+        if not self.batches_sequences:
+            raise ValueError("batched forwards need the fused Triton kernels (a CUDA GPU, bf16 or fp16)")
+        if size < 1:
+            raise ValueError(f"a pool holds at least 1 cache, got {size}")
+        cfg, per = self.cfg, self._cap + 1
+        pool = self._seq_pool
+        if pool is None or pool[0].shape[3] != size * per:
+            pool = self._seq_pool = None  # the old storage goes before the new one comes
+            shape = (cfg.num_layers, 1, cfg.num_kv_heads, size * per, cfg.head_dim)
+            pool = self._seq_pool = (torch.zeros(shape, dtype=self.dtype, device=self.device),
+                                     torch.zeros(shape, dtype=self.dtype, device=self.device))
+            n = (5 + WIDTHS[-1]) * BATCH_WIDTHS[-1]
+            self._bints = torch.zeros(n, dtype=torch.int64, device=self.device)  # ids|pos|slots|start|base|ancestor slots
+            self._bhost = torch.zeros(n, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+            self._bhost_np = self._bhost.numpy()
+            self._bcopied = torch.cuda.Event() if self.device.type == "cuda" else None
+            self.batch_graphs.clear()
+        k, v = pool
+        return [PoolKVCache(k[:, :, :, i * per : (i + 1) * per], v[:, :, :, i * per : (i + 1) * per], cfg.max_position, i, i * per)
+                for i in range(size)]
+
+    def run_in_storage(self, cache: PoolKVCache, call: Callable[[KVCache], Any]) -> Any:
+        """A batch-1 forward of a pooled sequence (its prefill, a forward wider than a batch takes): run in the
+        runner's own cache, by the graphs and kernels of every batch-1 forward, so its K/V rows get the bits
+        they get there. The sequence's rows are copied in first and the new ones back after."""
+        rc = self.new_target_cache(1, cache.max_len)
+        n0 = cache.length
+        if n0:
+            rc.k[:, :, :, :n0].copy_(cache.k[:, :, :, :n0])
+            rc.v[:, :, :, :n0].copy_(cache.v[:, :, :, :n0])
+        rc.length = n0
+        out = call(rc)
+        n1 = rc.length
+        if n1 > n0:
+            cache.k[:, :, :, n0:n1].copy_(rc.k[:, :, :, n0:n1])
+            cache.v[:, :, :, n0:n1].copy_(rc.v[:, :, :, n0:n1])
+        cache.length = n1
+        return out
+
+    def forward_batch(self, rows: Sequence[Any]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """One forward for the verify rows of several pooled sequences. Each entry has `tokens` and `positions`
+        (1, T) on the host, `cache` (a PoolKVCache of this runner's pool), `mask` (1, T, T) or None (a chain) and
+        `paths` (`row_paths` of them, or None), T <= 64 and BATCH_WIDTHS[-1] rows in all. Writes each sequence's
+        K/V rows at its slots and returns per entry (fp32 logits (T, V), hidden (T, D), argmax (T,)): views of
+        the graph's outputs, valid until the next batched forward. Every row is bit-identical to the same row
+        of its sequence's batch-1 forward: no kernel lets one row's arithmetic depend on the others."""
+        if self._seq_pool is None:
+            raise ValueError("forward_batch: no pool (new_pool) to run in")
+        widths = [int(r.tokens.shape[1]) for r in rows]
+        N, W = sum(widths), WIDTHS[-1]
+        if not rows or N > BATCH_WIDTHS[-1] or max(widths) > W:
+            raise ValueError(f"forward_batch takes 1 to {BATCH_WIDTHS[-1]} rows, at most {W} a sequence; got {widths}")
+        Nb = next(w for w in BATCH_WIDTHS if w >= N)
+        if self._bcopied is not None:
+            self._bcopied.synchronize()  # the previous batch's inputs have left the host buffer
+        h = self._bhost_np
+        ids, pos, slots, start, base = (h[i * Nb : (i + 1) * Nb] for i in range(5))
+        anc = h[5 * Nb : (5 + W) * Nb].reshape(Nb, W)
+        anc[:] = -1
+        off = 0
+        for r, T in zip(rows, widths, strict=True):
+            c = r.cache
+            if not isinstance(c, PoolKVCache) or c.k.untyped_storage().data_ptr() != self._seq_pool[0].untyped_storage().data_ptr():
+                raise ValueError("forward_batch: every cache must come from this runner's pool")
+            s0 = c.length
+            if s0 + T > c.max_len:
+                raise ValueError(f"the KV cache holds {c.max_len} rows; {s0} used, {T} more asked")
+            p = r.positions[0].to("cpu", torch.int64).numpy()
+            ids[off : off + T] = r.tokens[0].to("cpu", torch.int64).numpy()
+            pos[off : off + T] = p
+            slots[off : off + T] = c.base + s0 + np.arange(T)
+            start[off : off + T] = s0
+            base[off : off + T] = c.base
+            tt, dd, jj = r.paths if r.paths is not None else row_paths(r.mask, p - s0)
+            anc[off + tt, dd] = c.base + s0 + jj
+            off += T
+        ids[N:], pos[N:], slots[N:], start[N:], base[N:] = 0, 0, self._cap, 0, 0  # padding: the first cache's scratch row
+        anc[N:, 0] = self._cap
+        n = (5 + W) * Nb
+        self._bints[:n].copy_(self._bhost[:n], non_blocking=True)
+        if self._bcopied is not None:
+            self._bcopied.record(torch.cuda.current_stream(self.device))
+        g = self.batch_graphs.get(Nb)
+        if g is None:
+            g = self.batch_graphs[Nb] = self._capture_run(lambda: self._batch_static(Nb), f"batch of {Nb} rows")
+        if g.graph is not None:
+            g.graph.replay()
+            logits, hidden, argmax = g.logits, g.hidden, g.argmax
+        else:
+            logits, hidden, argmax = g.run()
+        assert logits is not None and argmax is not None
+        out, off = [], 0
+        for r, T in zip(rows, widths, strict=True):
+            r.cache.length += T
+            out.append((logits[off : off + T], hidden[off : off + T], argmax[off : off + T]))
+            off += T
+        return out
+
+    def _batch_static(self, Nb: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """forward_batch's static forward over its inputs, for a bucket of Nb rows: what its graph captures."""
+        assert self._seq_pool is not None
+        b, W = self._bints, WIDTHS[-1]
+        ids, pos, slots, start, base = (b[i * Nb : (i + 1) * Nb] for i in range(5))
+        anc = b[5 * Nb : (5 + W) * Nb].view(Nb, W)
+        plan = [(li, li) for li in range(self.cfg.num_layers)]
+        logits, hidden = self._fused_forward(ids, pos, slots, anc, (start, base), plan, self._seq_pool, True)
+        assert logits is not None
+        return logits, hidden, logits.argmax(-1)
+
     # ------------------------------------------------------------ static forwards
 
     def _forward(
@@ -451,17 +613,11 @@ class GraphRunner:
             m[:T, :T] = mask.reshape(T, T).to("cpu", torch.int64).numpy()
             n += Tb * Tb
             # each row's keys in position order (the fused attention): anc[t, d] = slot of the row that row t
-            # sees at position start + d. A tree path: row t sees depth[t] + 1 rows and they fill depths 0..depth[t]
+            # sees at position start + d
             anc = h[n : n + Tb * Tb].reshape(Tb, Tb)
             anc[:] = -1
-            depth = h[Tb : Tb + T] - start
-            tt, jj = np.nonzero(m[:T, :T])
-            path = depth.min() >= 0 and depth.max() < Tb and np.array_equal(np.bincount(tt, minlength=T), depth + 1)
-            if path:
-                anc[tt, depth[jj]] = start + jj
-                path = not (anc[np.arange(T)[:, None], np.minimum(np.arange(Tb)[None, :], depth[:, None])] < 0).any()
-            if not path:
-                raise ValueError("a forward's rows must be tree paths: each row sees one new row per position up to its own")
+            tt, dd, jj = tree_paths(m[:T, :T], h[Tb : Tb + T] - start)
+            anc[tt, dd] = start + jj
             anc[T:, 0] = self._cap  # padded rows (position 0): their own scratch row when start is 0, else slot 0
             n += Tb * Tb
         self._ints[:n].copy_(self._host[:n], non_blocking=True)
@@ -533,28 +689,42 @@ class GraphRunner:
         self, Tb: int, causal: bool, want_logits: bool, layers: tuple[int, ...] | None
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The decode forward in fused Triton kernels: five launches per layer (see triton_kernels.py)."""
+        ints = self._ints
+        anc = None if causal else ints[3 * Tb + Tb * Tb : 3 * Tb + 2 * Tb * Tb]
+        plan, storage = self._layer_plan(layers)
+        return self._fused_forward(ints[:Tb], ints[Tb : 2 * Tb], ints[2 * Tb : 3 * Tb], anc, None, plan, storage, want_logits)
+
+    def _fused_forward(
+        self,
+        ids: torch.Tensor,  # (Tb,) int64 token ids
+        pos: torch.Tensor,  # (Tb,) positions
+        slots: torch.Tensor,  # (Tb,) the slots the rows' K/V go to
+        anc: torch.Tensor | None,  # ancestor slots (triton_kernels.attention), None: one causal chain
+        sequences: tuple[torch.Tensor, torch.Tensor] | None,  # rows of several sequences: each row's (start, base)
+        plan: list[tuple[int, int]],
+        storage: tuple[torch.Tensor, torch.Tensor],
+        want_logits: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         from fastdecode import triton_kernels as tk
 
         cfg, m = self.cfg, self.model
         h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        ints = self._ints
-        ids, pos, slots = ints[:Tb], ints[Tb : 2 * Tb], ints[2 * Tb : 3 * Tb]
+        Tb = ids.shape[0]
         x = m.embed_tokens(ids)  # (Tb, D), the residual stream, updated in place
         q = torch.empty(Tb, h, hd, dtype=x.dtype, device=x.device)
         o = torch.empty(Tb, h * hd, dtype=x.dtype, device=x.device)
         mid = torch.empty(Tb, cfg.intermediate_size, dtype=x.dtype, device=x.device)
-        anc = None if causal else ints[3 * Tb + Tb * Tb : 3 * Tb + 2 * Tb * Tb]
         ns, share = self._attn_splits()
         f32 = dict(dtype=torch.float32, device=x.device)
         partials = (torch.empty(ns, Tb * h, hd, **f32), torch.empty(ns, Tb * h, **f32), torch.empty(ns, Tb * h, **f32))
         lin = {kind: self._linear(kind) for kind in LINEARS}
-        plan, (k_all, v_all) = self._layer_plan(layers)
+        k_all, v_all = storage
         for j, li in plan:
             block = self._blocks[li]
-            kc, vc = k_all[j, 0], v_all[j, 0]  # (kvh, cap+1, hd)
+            kc, vc = k_all[j, 0], v_all[j, 0]  # (kvh, slots, hd)
             rope = (m.rope_cos, m.rope_sin, pos, slots, kc, vc, h, kvh, hd)
             tk.fused_linear(x, self._w_qkv_n[li], q, tk.ROPE, norm_eps=cfg.rms_eps, rope=rope, **lin["qkv"])
-            tk.attention(q, kc, vc, o, pos, slots, anc, partials, share, block_s=self.attn_block_s)
+            tk.attention(q, kc, vc, o, pos, slots, anc, partials, share, block_s=self.attn_block_s, sequences=sequences)
             tk.fused_linear(o, block.self_attn.o_proj.weight, x, tk.RESIDUAL, res=x, **lin["o"])
             tk.fused_linear(x, self._w_gu_n[li], mid, tk.SILU, norm_eps=cfg.rms_eps, **lin["gu"])
             tk.fused_linear(mid, block.mlp.down_proj.weight, x, tk.RESIDUAL, res=x, **lin["down"])
@@ -621,15 +791,20 @@ class GraphRunner:
 
     def _capture(self, key: GraphKey) -> _Graph:
         Tb, Sb, causal, want_logits, layers = key
-        t0 = time.perf_counter()
 
         def run() -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
             return self._static_forward(Tb, Sb, causal, want_logits, layers)
 
+        what = f"width {Tb}" + (f" span {Sb}" if Sb else "") + ("" if causal else " tree")
+        if layers is not None:
+            what += f" ({len(layers)} of {self.cfg.num_layers} layers)"
+        g = self.graphs[key] = self._capture_run(run, what)
+        return g
+
+    def _capture_run(self, run: Callable[[], tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]], what: str) -> _Graph:
+        t0 = time.perf_counter()
         if not self.use_graphs:
-            g = _Graph(None, run, None, torch.empty(0), None)
-            self.graphs[key] = g
-            return g
+            return _Graph(None, run, None, torch.empty(0), None)
         # warm-up on a side stream (compiles the fused pieces); it computes exactly what the replay will
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
@@ -642,13 +817,9 @@ class GraphRunner:
             logits, hidden, argmax = run()
         torch.cuda.synchronize(self.device)
         g = _Graph(graph, run, logits, hidden, argmax)
-        self.graphs[key] = g
         dt = time.perf_counter() - t0
         self.capture_seconds += dt
         if self.verbose:
-            what = f"width {Tb}" + (f" span {Sb}" if Sb else "") + ("" if causal else " tree")
-            if layers is not None:
-                what += f" ({len(layers)} of {self.cfg.num_layers} layers)"
             print(f"fastdecode: captured CUDA graph {what} in {dt:.2f} s", file=sys.stderr, flush=True)
         return g
 

@@ -193,16 +193,19 @@ if triton is not None:
         kc_ptr, vc_ptr, stride_ch,  # this layer's cache, (kvh, S, HD) with head stride
         po_ptr, pm_ptr, pl_ptr,  # partials: o (NSPLIT, T·NQ, HD) fp32, m and l (NSPLIT, T·NQ) fp32
         pos_ptr,  # (T,) int64 positions of the new rows
-        slot_ptr,  # (T,) int64: slot_ptr[0] is `start`, the first slot of the new rows
-        anc_ptr,  # (T, T) int64: anc[t, d] = slot of the row row t sees at position start + d, or -1 (unused when CAUSAL)
-        T, S, SHARE, sm_scale,
-        CAUSAL: tl.constexpr, REP: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
+        slot_ptr,  # (T,) int64: slot_ptr[0] is `start`, the first slot of the new rows (unless BATCHED)
+        anc_ptr,  # (T, ANC_W) int64: anc[t, d] = slot of the row row t sees at position start + d, or -1 (unused when CAUSAL)
+        start_ptr, base_ptr,  # BATCHED: (T,) int64 each: the row's sequence's first new position, and its first slot
+        T, S, SHARE, sm_scale, ANC_W,
+        CAUSAL: tl.constexpr, BATCHED: tl.constexpr, REP: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
         """Program (kv head, token t, split): the REP query heads of token t over positions
         [split·SHARE, (split+1)·SHARE) ∩ [0, pos_t], read in position order (a tree row's ancestors through
         `anc`, wherever their rows sit), in blocks of BLOCK_S aligned at 0. Nothing here depends on how many
-        rows share the forward, so a row's partials equal those of the 1-row step at its position bit for bit."""
+        rows share the forward, so a row's partials equal those of the 1-row step at its position bit for bit.
+        BATCHED: the rows belong to several sequences, each with its cache at its own offset (`base`, in slots)
+        of one storage and its own `start`; position c of a row's committed cache sits at slot base + c."""
         kvh = tl.program_id(0)
         t = tl.program_id(1)
         split = tl.program_id(2)
@@ -211,7 +214,12 @@ if triton is not None:
         h = kvh * REP + r
         d = tl.arange(0, HD)
         q = tl.load(q_ptr + t * (NQ * HD) + h[:, None] * HD + d[None, :], mask=r_ok[:, None], other=0.0)
-        start = tl.load(slot_ptr)
+        if BATCHED:
+            start = tl.load(start_ptr + t)
+            base = tl.load(base_ptr + t)
+        else:
+            start = tl.load(slot_ptr)
+            base = 0
         p_t = tl.load(pos_ptr + t)
         lo = split * SHARE
         hi = tl.minimum(lo + SHARE, p_t + 1)
@@ -222,13 +230,13 @@ if triton is not None:
         for c0 in range(lo, hi, BLOCK_S):
             c = c0 + tl.arange(0, BLOCK_S)  # positions
             if CAUSAL:  # a chain: every position sits in the slot of the same number
-                slot = c
+                slot = base + c
                 vis = c < hi
             else:
                 rel = c - start
                 new = (rel >= 0) & (c < hi)
-                anc = tl.load(anc_ptr + t * T + tl.where(new, rel, 0), mask=new, other=-1)
-                slot = tl.where(rel < 0, c, anc)
+                anc = tl.load(anc_ptr + t * ANC_W + tl.where(new, rel, 0), mask=new, other=-1)
+                slot = tl.where(rel < 0, base + c, anc)
                 vis = (c < hi) & (slot >= 0)
             vis = vis & (slot < S)
             k = tl.load(kc_ptr + kvh * stride_ch + slot[:, None] * HD + d[None, :], mask=vis[:, None], other=0.0)
@@ -328,24 +336,30 @@ def attention(
     out: torch.Tensor,  # (T, NQ·HD)
     positions: torch.Tensor,  # (T,) int64
     slots: torch.Tensor,  # (T,) int64, slots[0] = start
-    anc: torch.Tensor | None,  # (T, T) int64 slot of each row's key at position start + d (-1: unseen); None = causal chain
+    anc: torch.Tensor | None,  # (T, W) int64 slot of each row's key at position start + d (-1: unseen); None = causal chain
     partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor],  # (NSPLIT, T·NQ, HD), (NSPLIT, T·NQ) ×2, fp32
     share: int,  # positions per split, a multiple of block_s: fixed per runner, never per width
     block_s: int = 64,
+    sequences: tuple[torch.Tensor, torch.Tensor] | None = None,  # rows of several sequences: (start, base), (T,) each
 ) -> torch.Tensor:
     """Attention of the new rows, split over positions in NSPLIT shares of `share`, then combined: two launches.
-    Every row is computed alone over its keys in position order, so its output does not depend on the width."""
+    Every row is computed alone over its keys in position order, so its output does not depend on the width,
+    nor on which other sequences' rows share the launch (`sequences`: each row's cache lies at its `base`)."""
     T, nq, hd = q.shape
     nkv = k_cache.shape[0]
     rep = nq // nkv
     if rep > BLOCK_M or share % block_s:
         raise ValueError(f"attention: {rep} query heads per kv head (max {BLOCK_M}), share {share} not a multiple of {block_s}")
+    if sequences is not None and anc is None:
+        raise ValueError("attention: rows of several sequences need their ancestor table")
     po, pm, pl = partials
     nsplit = po.shape[0]
+    start, base = (slots, slots) if sequences is None else sequences
+    anc_w = 0 if anc is None else (anc.shape[1] if anc.dim() == 2 else T)
     _attention_kernel[(nkv, T, nsplit)](
-        q, k_cache, v_cache, k_cache.stride(0), po, pm, pl, positions, slots, slots if anc is None else anc,
-        T, k_cache.shape[1], share, hd ** -0.5, CAUSAL=anc is None, REP=rep, NQ=nq, HD=hd, BLOCK_M=BLOCK_M, BLOCK_S=block_s,
-        num_warps=4, num_stages=2,
+        q, k_cache, v_cache, k_cache.stride(0), po, pm, pl, positions, slots, slots if anc is None else anc, start, base,
+        T, k_cache.shape[1], share, hd ** -0.5, anc_w, CAUSAL=anc is None, BATCHED=sequences is not None, REP=rep, NQ=nq, HD=hd,
+        BLOCK_M=BLOCK_M, BLOCK_S=block_s, num_warps=4, num_stages=2,
     )
     _attention_combine_kernel[(T * nq,)](po, pm, pl, out, T * nq, NSPLIT=nsplit, HD=hd, num_warps=1)
     return out

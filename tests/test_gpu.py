@@ -8,6 +8,8 @@ on a GPU (skipped without one; scripts/gpu.sh runs them on the device).
 from __future__ import annotations
 
 import json
+import os
+from typing import Any
 
 import pytest
 import torch
@@ -409,3 +411,146 @@ def test_rsd_tree_through_a_runner_is_ar_and_samples(device: str, tmp_path) -> N
     params = SamplingParams(temperature=1.0, seed=1, sampler="rejection")
     out, stats = run_engine(runner, prompt, "rsd", params, 40, engine=engine, **opts)
     assert len(out) == 40 and stats.accepted > 0
+
+
+# ------------------------------------------------------------------ many sequences in one forward (the server, issue 13)
+
+def _bf16_runner(max_position: int = 1024, vocab_size: int = 4096) -> GraphRunner:
+    cfg = ModelConfig(vocab_size=vocab_size, hidden_size=576, intermediate_size=1536, num_layers=2, num_heads=9, num_kv_heads=3,
+                      head_dim=64, max_position=max_position, tie_embeddings=True)
+    model = tiny("cuda", cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.1)
+    runner = GraphRunner(model.to(torch.bfloat16), kernels="triton", verbose=False)
+    assert runner.kernels == "triton" and runner.batches_sequences
+    return runner
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_batched_sequences_bitwise_equal_their_batch1_forwards() -> None:
+    """The server's batched forward on the GPU: the verify rows of several sequences — an AR row, chains, draft
+    trees, a 64-row chain, caches of different lengths — in one forward through the fused kernels give every row
+    the bits of its own sequence's batch-1 forward (logits and greedy tokens), and write the same K/V rows; over
+    two rounds with compaction between, in buckets of 16 to 512 rows."""
+    import random
+
+    from fastdecode.cuda_graphs import BATCH_WIDTHS, PoolKVCache
+    from fastdecode.engine import tree_mask
+    from fastdecode.serve.batching import Rows
+
+    runner = _bf16_runner()
+    rng = random.Random(0)
+    prefixes = [7, 130, 300, 64, 1, 520]
+    pool = runner.new_pool(len(prefixes))
+    assert all(isinstance(c, PoolKVCache) for c in pool)
+    prompts = [torch.randint(0, 4096, (1, n), generator=torch.Generator().manual_seed(n)) for n in prefixes]
+
+    def tree(n: int) -> list[int]:
+        return [rng.randrange(-1, j) for j in range(n)]
+
+    def rows_of(i: int, width_or_parents: Any, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if isinstance(width_or_parents, int):
+            T = width_or_parents
+            return torch.randint(0, 4096, (1, T)), torch.arange(start, start + T)[None], None
+        parents = width_or_parents
+        depth: list[int] = []
+        for p in parents:
+            depth.append(1 if p < 0 else depth[p] + 1)
+        mask = tree_mask(parents)
+        toks = torch.randint(0, 4096, (1, 1 + len(parents)))
+        return toks, torch.tensor([[start, *(start + d for d in depth)]]), None if mask is None else mask[None]
+
+    with torch.no_grad():
+        for cache, prompt in zip(pool, prompts, strict=True):  # prefill by the batch-1 path, rows copied into the pool
+            cache.length = 0
+            runner.run_in_storage(cache, lambda rc, p=prompt: runner(p, torch.arange(p.shape[1])[None], rc))
+            assert cache.length == prompt.shape[1]
+        for shapes in ([1, 5, tree(12), 64, tree(40), 1], [1, 1, 1, 1, 1, 1], [tree(63), 64, 64, 64, tree(30), 64]):
+            batch = []
+            for i, (shp, c) in enumerate(zip(shapes, pool, strict=True)):
+                toks, pos, mask = rows_of(i, shp, c.length)
+                batch.append(Rows(toks, pos, c, mask))
+            # references: each sequence alone, batch-1, in the runner's own cache holding the same rows
+            refs = []
+            for r in batch:
+                c = r.cache
+                snapshot = (c.k[:, :, :, : c.length].clone(), c.v[:, :, :, : c.length].clone(), c.length)
+
+                def one(rc: Any, r: Rows = r) -> tuple[torch.Tensor, torch.Tensor]:
+                    lg, hd = runner(r.tokens, r.positions, rc, r.mask)
+                    return lg[0].clone(), hd[0].clone()
+
+                lg, hd = runner.run_in_storage(c, one)
+                refs.append((lg, hd, c.k[:, :, :, snapshot[2] : c.length].clone()))
+                c.k[:, :, :, : snapshot[2]].copy_(snapshot[0])
+                c.length = snapshot[2]
+            n = sum(r.width for r in batch)
+            out = runner.forward_batch(batch)
+            assert next(w for w in BATCH_WIDTHS if w >= n) in runner.batch_graphs
+            for i, (r, (lg, hd, am), (rlg, rhd, rk)) in enumerate(zip(batch, out, refs, strict=True)):
+                assert torch.equal(lg, rlg), f"sequence {i}: logits differ from its batch-1 forward"
+                assert torch.equal(hd, rhd) and torch.equal(am, rlg.argmax(-1))
+                assert torch.equal(r.cache.k[:, :, :, r.cache.length - r.width : r.cache.length], rk)
+            for r in batch:  # keep the first row and the deepest path, as the engine compacts an accepted path
+                c = r.cache
+                s0 = c.length - r.width
+                c.compact(s0, [s0, *range(s0 + 1, s0 + min(3, r.width))] if r.mask is None else [s0])
+        with pytest.raises(ValueError, match="pool"):
+            stray = runner.new_target_cache(1, 100)
+            runner.forward_batch([Rows(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), stray, None)])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_scheduler_batches_requests_on_the_gpu_and_each_equals_batch1_ar() -> None:
+    """The server's scheduler on the GPU: requests of several lossless methods at once run in batched rounds
+    (one forward for all their verify rows, each sequence its own cache of the pool), and every greedy answer
+    is token for token the batch-1 `ar` answer; the pool's caches come back when the requests end."""
+    import threading
+
+    from fastdecode.api import Generator
+    from fastdecode.drafters import get_method, make_options
+    from fastdecode.models.loader import resolve
+    from fastdecode.serve.metrics import ServerMetrics
+    from fastdecode.serve.protocol import RequestSpec
+    from fastdecode.serve.scheduler import Job, Scheduler, wait_ready
+    from fastdecode.tokenizer import Tokenizer
+
+    path = os.environ.get("FASTDECODE_TEST_GGUF", "/root/models/smollm2.gguf")
+    try:
+        tok = Tokenizer(resolve(path if os.path.isfile(path) else "smollm2"))
+    except (FileNotFoundError, ImportError) as e:
+        pytest.skip(f"needs SmolLM2's tokenizer: {e}")
+    runner = _bf16_runner(max_position=512, vocab_size=49152)
+    gen = Generator(runner, tok)
+    prompts = [[int(x) for x in torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n))] * 2 for n in (9, 20, 33, 50)]
+    methods = [("ar", {}), ("pld", {}), ("pld", {"branches": 3}), ("ngram", {}), ("lookahead", {})]
+    jobs = [(p, m, o) for p in prompts for m, o in methods]
+    refs = {tuple(p): gen.generate(p, "ar", max_new_tokens=40, raw=True).token_ids for p in prompts}
+    sched = Scheduler(lambda: gen, ServerMetrics(), max_batch=8)
+    sched.start()
+    try:
+        assert wait_ready(sched, 60) and sched.batching
+        done = threading.Semaphore(0)
+        results: list[list[Any]] = [[] for _ in jobs]
+        for i, (p, m, o) in enumerate(jobs):
+            spec = RequestSpec("completion", p, m, make_options(get_method(m), o), SamplingParams(), 40)
+
+            def emit(ev: Any, i: int = i) -> None:
+                results[i].append(ev)
+                if ev.kind != "text":
+                    done.release()
+
+            sched.submit(Job(spec, emit))
+        for _ in jobs:
+            assert done.acquire(timeout=120)
+    finally:
+        sched.stop()
+    for (p, m, o), evs in zip(jobs, results, strict=True):
+        assert evs[-1].kind == "done", (m, o, evs[-1])
+        text = "".join(e.text for e in evs if e.kind == "text")
+        assert text == tok.decode(refs[tuple(p)]), (m, o)
+        assert evs[-1].usage["completion_tokens"] == len(refs[tuple(p)])
+    samples = {x.name: x.value for x in next(iter(sched.metrics.batch_sequences.collect())).samples}
+    assert samples["fastdecode_batch_sequences_sum"] > samples["fastdecode_batch_sequences_count"] > 0  # batched, not in turns
+    assert sched._target is not None and len(sched._target._free) == 8 and not sched._target._held

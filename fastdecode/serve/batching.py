@@ -8,8 +8,11 @@ RMSNorm, RoPE, the q/k/v and o projections, the MLP, the LM head), and on the CP
 on CPUs that multiply bf16 natively: models/llama.py, tests/test_row_invariance.py) a row of an N-row product
 is the same bits as in any other width up to ROW_INVARIANT_MAX rows (`narrow_product` cuts 64-row chunks);
 attention runs per sequence, on its own cache, with the mask and position plan its own forward would build
-(`LlamaModel.attention_inputs`). Where the forwards are not row-invariant (fp32, CPUs without native bf16,
-the GPU's CUDA graphs) nothing is batched: `can_batch` says so, and the scheduler steps each sequence alone.
+(`LlamaModel.attention_inputs`). On a GPU the CUDA-graph runner's fused kernels compute every row alone at any
+width (cuda_graphs.py), so there the whole batched forward is one captured graph (`GraphRunner.forward_batch`):
+each sequence's cache is one of a pool in one storage, which the attention kernel reads at the sequence's own
+offset (`PooledTarget`). Where the forwards are not row-invariant (fp32, CPUs without native bf16, the GPU's torch
+kernels) nothing is batched: `can_batch` says so, and the scheduler steps each sequence alone.
 
 The engine stays unaware of it. Each sequence's generation runs in a `Fiber` (a thread that runs only while
 the scheduler waits for it), and its engine's target is the server's `BatchedTarget`: a verify forward called
@@ -27,17 +30,30 @@ from typing import Any, cast
 import torch
 
 from fastdecode.cache import KVCache
+from fastdecode.cuda_graphs import BATCH_WIDTHS, WIDTHS, PoolKVCache, row_paths
 from fastdecode.models import llama
 from fastdecode.models.llama import Block, LlamaModel, row_invariant
 
-MAX_ROWS = llama.ROW_INVARIANT_MAX  # rows per batched forward: the widest that keeps the row-invariant path
+MAX_ROWS = llama.ROW_INVARIANT_MAX  # rows per batched forward on the CPU: the widest that keeps the row-invariant path
+
+
+def pooled(model: Any) -> bool:
+    """A CUDA-graph runner whose fused kernels batch sequences (cuda_graphs.GraphRunner.forward_batch)."""
+    return bool(getattr(model, "batches_sequences", False))
 
 
 def can_batch(model: Any) -> bool:
     """Whether N-row forwards of this model give each row the bits it gets in a forward of its own."""
+    if pooled(model):
+        return True
     if not isinstance(model, LlamaModel) or model.device.type != "cpu":
         return False
     return row_invariant(torch.empty(1, 1, dtype=model.dtype), MAX_ROWS)
+
+
+def max_rows(model: Any) -> int:
+    """The most rows one batched forward of this model takes."""
+    return BATCH_WIDTHS[-1] if pooled(model) else MAX_ROWS
 
 
 @dataclass
@@ -48,7 +64,9 @@ class Rows:
     positions: torch.Tensor  # (1, T)
     cache: KVCache  # the rows are written from cache.length, which then grows by T
     mask: torch.Tensor | None  # (1, T, T) among the new rows (the cache visible), or None: causal
+    paths: Any = None  # on a GPU: where each row finds its keys (cuda_graphs.row_paths), worked out in the fiber
     result: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits (1, T, V) fp32, hidden (1, T, D))
+    argmax: torch.Tensor | None = None  # on a GPU: each row's greedy token, computed in the forward's graph
     error: BaseException | None = None
 
     @property
@@ -62,17 +80,26 @@ def batchable(model: LlamaModel, tokens: torch.Tensor, positions: torch.Tensor, 
     if not isinstance(cache, KVCache) or tokens.dim() != 2 or tokens.shape[0] != 1 or positions.shape != tokens.shape:
         return False
     T = int(tokens.shape[1])
+    if pooled(model) and (T > WIDTHS[-1] or not isinstance(cache, PoolKVCache)):
+        return False
     if not 1 <= T <= MAX_ROWS or tuple(cache.k.shape[:2]) != (model.cfg.num_layers, 1) or cache.length + T > cache.max_len:
         return False
     return mask is None or tuple(mask.shape) == (1, T, T)
 
 
 @torch.inference_mode()
-def forward_rows(model: LlamaModel, batch: list[Rows]) -> None:
-    """One forward for the rows of every request in `batch` (at most MAX_ROWS in all): sets each request's
-    `result` to what `model(r.tokens, r.positions, r.cache, r.mask)` returns, bit for bit, and writes the K/V
-    rows into each cache as that call does."""
+def forward_rows(model: Any, batch: list[Rows], keep: bool = False) -> None:
+    """One forward for the rows of every request in `batch` (at most `max_rows(model)` in all): sets each
+    request's `result` to what `model(r.tokens, r.positions, r.cache, r.mask)` returns, bit for bit, and writes
+    the K/V rows into each cache as that call does. On a GPU the runner's fused kernels run it
+    (GraphRunner.forward_batch); on the CPU the code below."""
     if not batch:
+        return
+    if pooled(model):  # views of the graph's outputs; `keep`: copies, for when another batch runs before they are read
+        for r, (logits, hidden, argmax) in zip(batch, model.forward_batch(batch), strict=True):
+            if keep:
+                logits, hidden, argmax = logits.clone(), hidden.clone(), argmax.clone()
+            r.result, r.argmax = (logits[None], hidden[None]), argmax
         return
     widths = [r.width for r in batch]
     if sum(widths) > MAX_ROWS:
@@ -191,13 +218,17 @@ class Fiber:
         return rows.result
 
 
+def current_fiber() -> Fiber | None:
+    return getattr(_current, "fiber", None)
+
+
 class BatchedTarget:
     """The target of every batched sequence's engine, called like the model: a verify forward called from a
     fiber waits for the scheduler's next batch; anything else (a prefill, a partial forward, a call from
     outside a fiber) runs the model at once. Equal to and hashed as the model, so that a draft model loaded
     for this target (keyed by it) is the one loaded for the model."""
 
-    def __init__(self, model: LlamaModel):
+    def __init__(self, model: Any):
         self.model = model
 
     def __getattr__(self, name: str) -> Any:  # cfg, device, dtype, new_cache …
@@ -211,7 +242,67 @@ class BatchedTarget:
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask: torch.Tensor | None = None,
                  *args: Any, **kwargs: Any) -> Any:
-        fiber: Fiber | None = getattr(_current, "fiber", None)
+        fiber = current_fiber()
         if fiber is None or args or kwargs or not batchable(self.model, tokens, positions, cache, mask):
             return self.model(tokens, positions, cache, mask, *args, **kwargs)
         return fiber.forward(Rows(tokens, positions, cache, mask))
+
+    def release(self, fiber: Fiber | None) -> None:
+        """A sequence has ended: give back what it held (nothing here; a pool cache on a GPU)."""
+
+
+class PooledTarget(BatchedTarget):
+    """On a GPU: each sequence's cache is one of the runner's pool (GraphRunner.new_pool), handed out when its
+    engine asks for the target's cache and given back when it ends; verify forwards run batched through the
+    fused kernels (GraphRunner.forward_batch), anything else (a prefill) by the runner's batch-1 path in its own
+    cache, with the rows copied in and out (GraphRunner.run_in_storage), so every K/V row has its batch-1 bits."""
+
+    def __init__(self, model: Any, size: int):
+        super().__init__(model)
+        self.runner: Any = model  # a cuda_graphs.GraphRunner
+        self._free: list[PoolKVCache] = model.new_pool(size)[::-1]
+        self._held: dict[Fiber, PoolKVCache] = {}
+        self._argmax: dict[Fiber, torch.Tensor | None] = {}  # each fiber's last forward's greedy tokens, if batched
+
+    def new_target_cache(self, batch: int, length: int) -> KVCache:
+        fiber = current_fiber()
+        if fiber is None or batch != 1:
+            return cast(KVCache, self.runner.new_target_cache(batch, length))
+        self.release(fiber)  # a second generation in the same fiber reuses nothing stale
+        if not self._free:
+            raise RuntimeError("every cache of the pool is in use: the scheduler runs more sequences than it has caches")
+        cache = self._held[fiber] = self._free.pop()
+        cache.max_len, cache.length = min(length, self.runner.cfg.max_position), 0
+        return cache
+
+    def release(self, fiber: Fiber | None) -> None:
+        if fiber is not None and fiber in self._held:
+            self._free.append(self._held.pop(fiber))
+        self._argmax.pop(fiber, None)  # type: ignore[arg-type]
+
+    def greedy_tokens(self, rows: int) -> list[int] | None:
+        fiber = current_fiber()
+        if fiber is None:
+            return cast("list[int] | None", self.runner.greedy_tokens(rows))
+        argmax = self._argmax.get(fiber)
+        return None if argmax is None else argmax[:rows].tolist()
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask: torch.Tensor | None = None,
+                 *args: Any, **kwargs: Any) -> Any:
+        fiber = current_fiber()
+        if fiber is not None and not args and not kwargs and batchable(self.model, tokens, positions, cache, mask):
+            rows = Rows(tokens, positions, cache, mask)
+            rows.paths = row_paths(mask, positions[0].to("cpu", torch.int64).numpy() - cache.length)  # a bad tree fails here, alone
+            out = fiber.forward(rows)
+            self._argmax[fiber] = rows.argmax
+            return out
+        if fiber is not None:
+            self._argmax[fiber] = None
+        if isinstance(cache, PoolKVCache):
+            return self.runner.run_in_storage(cache, lambda rc: self.runner(tokens, positions, rc, mask, *args, **kwargs))
+        return self.model(tokens, positions, cache, mask, *args, **kwargs)
+
+
+def make_target(model: Any, size: int) -> BatchedTarget:
+    """The engines' target for batched rounds over `model`, for up to `size` sequences at once."""
+    return PooledTarget(model, size) if pooled(model) else BatchedTarget(model)

@@ -5,12 +5,13 @@ Every request is an ordinary `Generator.stream` of its own (its own engine, cach
 registered method serves, with the library's prompt handling, stop strings and streaming text). A new request
 joins at the next round; it never waits for others to finish (up to `max_batch` running, the rest queue).
 
-Where the model's forwards are row-invariant (bf16 on a CPU with native bf16: batching.can_batch) the
-scheduler runs rounds: every running sequence, each in its fiber, drafts and asks for its verify forward;
-the verify rows of all of them (ragged: each its own tree) run as one batched forward (batching.py); then
+Where the model's forwards are row-invariant (bf16 on a CPU with native bf16, bf16/fp16 through the fused
+kernels on a GPU: batching.can_batch) the scheduler runs rounds: every running sequence, each in its fiber,
+drafts and asks for its verify forward; the verify rows of all of them (ragged: each its own tree) run as one
+batched forward (batching.py); then
 each sequence verifies, accepts (its own number of tokens), compacts its cache and emits. Every row has the
 bits of the sequence's own batch-1 forward, so each greedy answer is token-identical to the library's batch-1
-answer, whatever runs beside it. Elsewhere (fp32, the GPU's CUDA graphs) the thread interleaves the sequences
+answer, whatever runs beside it. Elsewhere (fp32, the GPU's torch kernels) the thread interleaves the sequences
 instead, advancing each by one piece of text in turn with batch-1 forwards.
 
 What it must never do: run on the event loop, load a model a request names, or let one request's error
@@ -33,7 +34,7 @@ import torch
 from fastdecode.api import Generator, Stream
 from fastdecode.drafters import Drafter, StepResult, get_method
 from fastdecode.engine import Engine, StopConditions
-from fastdecode.serve.batching import BatchedTarget, Fiber, Rows, can_batch, chunks, forward_rows
+from fastdecode.serve.batching import BatchedTarget, Fiber, Rows, can_batch, chunks, forward_rows, make_target, max_rows
 from fastdecode.serve.metrics import ServerMetrics
 from fastdecode.serve.protocol import APIError, RequestSpec, usage
 
@@ -73,15 +74,16 @@ class RunnerCaches:
     copied out and the next one's copied in when the turn passes to another sequence (nothing is copied while
     one sequence runs alone). On a plain model (the CPU) every sequence has its own cache: this does nothing."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, target: bool = True):
         self.model = model if hasattr(model, "new_target_cache") else None
+        self.target = target  # False in batched rounds on a GPU: each sequence's target cache is its own (a pool's)
         self.resident: _Sequence | None = None  # whose rows the storages hold
 
     def _storages(self) -> list[torch.Tensor]:
         m = self.model
         if m is None:
             return []
-        pairs = [m._storage] if m._storage is not None else []
+        pairs = [m._storage] if m._storage is not None and self.target else []
         pairs += list(m._draft_storage.values())
         from fastdecode.drafters.sps import _LOADED  # draft models of this target (sps, bild, eagle), each its own runner
 
@@ -171,10 +173,16 @@ class Scheduler:
             self.failed = " ".join(f"{type(e).__name__}: {e}".split())
             print(f"fastdecode serve: the model failed to load: {self.failed}", file=sys.stderr)
             return
-        self._caches = RunnerCaches(self.generator.model)
         self.batching = self.allow_batching and can_batch(self.generator.model)
+        # a drafter's caches in storage of a runner's are swapped per sequence; in batched rounds the target's are not
+        self._caches = RunnerCaches(self.generator.model, target=not self.batching)
         if self.batching:
-            self._target = BatchedTarget(self.generator.model)
+            try:
+                self._target = make_target(self.generator.model, self.max_batch)
+            except Exception as e:  # noqa: BLE001  (a pool too large for the GPU: say so, like any failure to load)
+                self.failed = " ".join(f"{type(e).__name__}: {e}".split())
+                print(f"fastdecode serve: cannot set up batching: {self.failed}", file=sys.stderr)
+                return
         self.ready.set()
         while not self._stop.is_set():
             self._admit()
@@ -252,9 +260,10 @@ class Scheduler:
         for seq in list(self._running):
             self._advance(seq)
         waiting = [s.rows for s in self._running if s.rows is not None]
-        for group in chunks(waiting):
+        groups = list(chunks(waiting, max_rows(self.generator.model)))
+        for group in groups:
             try:
-                forward_rows(self.generator.model, group)
+                forward_rows(self.generator.model, group, keep=len(groups) > 1)
             except Exception as e:  # noqa: BLE001  (each sequence of the group fails alone, in its fiber)
                 traceback.print_exc(file=sys.stderr)
                 for r in group:
@@ -266,10 +275,11 @@ class Scheduler:
     def _advance(self, seq: _Sequence) -> None:
         """Run a sequence's fiber until it waits for a verify forward, ends or fails, emitting its text."""
         assert seq.fiber is not None
+        self._caches.activate(seq, self._running)  # a drafter's caches in a runner's storage (GPU), if any
         while True:
             if seq.job.cancelled.is_set():  # the client went away: stop the generation, drop its cache
                 seq.fiber.close()
-                self._running.remove(seq)
+                self._drop(seq)
                 self.metrics.requests.labels(seq.job.spec.kind, "cancelled").inc()
                 return
             seq.rows = None
@@ -280,12 +290,18 @@ class Scheduler:
             if kind == "piece":
                 seq.job.emit(Event("text", value))
                 continue
-            self._running.remove(seq)
+            self._drop(seq)
             if kind == "error":
                 self._internal_error(seq.job, value)
             else:
                 self._finish(seq)
             return
+
+    def _drop(self, seq: _Sequence) -> None:
+        """A batched sequence has ended: out of the running list, its pool cache (GPU) back."""
+        self._running.remove(seq)
+        if self._target is not None:
+            self._target.release(seq.fiber)
 
     def _internal_error(self, job: Job, e: BaseException) -> None:
         traceback.print_exception(e, file=sys.stderr)
