@@ -509,12 +509,12 @@ class GraphRunner:
         cache.length = n1
         return out
 
-    def forward_batch(self, rows: Sequence[Any]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def forward_batch(self, rows: Sequence[Any]) -> list[tuple[torch.Tensor, torch.Tensor, list[int]]]:
         """One forward for the verify rows of several pooled sequences. Each entry has `tokens` and `positions`
         (1, T) on the host, `cache` (a PoolKVCache of this runner's pool), `mask` (1, T, T) or None (a chain) and
         `paths` (`row_paths` of them, or None), T <= 64 and BATCH_WIDTHS[-1] rows in all. Writes each sequence's
-        K/V rows at its slots and returns per entry (fp32 logits (T, V), hidden (T, D), argmax (T,)): views of
-        the graph's outputs, valid until the next batched forward. Every row is bit-identical to the same row
+        K/V rows at its slots and returns per entry (fp32 logits (T, V), hidden (T, D), the rows' greedy tokens):
+        the tensors are views of the graph's outputs, valid until the next batched forward. Every row is bit-identical to the same row
         of its sequence's batch-1 forward: no kernel lets one row's arithmetic depend on the others."""
         if self._seq_pool is None:
             raise ValueError("forward_batch: no pool (new_pool) to run in")
@@ -561,10 +561,11 @@ class GraphRunner:
         else:
             logits, hidden, argmax = g.run()
         assert logits is not None and argmax is not None
+        greedy = argmax[:N].tolist()  # one read for every sequence's greedy tokens
         out, off = [], 0
         for r, T in zip(rows, widths, strict=True):
             r.cache.length += T
-            out.append((logits[off : off + T], hidden[off : off + T], argmax[off : off + T]))
+            out.append((logits[off : off + T], hidden[off : off + T], greedy[off : off + T]))
             off += T
         return out
 

@@ -246,7 +246,8 @@ class Scheduler:
         seq.stream._pieces = gen._stream(seq.stream, ids, drafter, spec.params, cond, spec.method)
         seq.pieces, seq.engine = iter(seq.stream), gen.engine
         if self.batching:
-            seq.fiber = Fiber(seq.pieces)
+            job = seq.job
+            seq.fiber = Fiber(seq.pieces, on_piece=lambda piece: job.emit(Event("text", piece)))
         self.metrics.prompt_tokens.inc(len(ids))
         return seq
 
