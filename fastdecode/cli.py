@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=64, help="requests decoded at once; more wait in a queue (default 64)")
     sv.add_argument("--max-tokens", type=int, default=256, help="answer length of requests that give no max_tokens (default 256)")
     sv.add_argument("--context", type=int, default=None, help="cap the model's context length")
+    sv.add_argument("--no-batching", action="store_true", help="requests take turns with batch-1 forwards instead of "
+                    "sharing batched ones (on a GPU: no pool of --max-batch caches is allocated)")
 
     from fastdecode.train.cli import add_train_parser
 
@@ -235,6 +237,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(
         lambda: fastdecode.load(args.model, device=args.device, dtype=args.dtype, context=args.context, verbose=args.verbose or None),
         name, method=args.method, method_options=opts, api_key=api_key, max_batch=args.max_batch, max_tokens=args.max_tokens,
+        batching=not args.no_batching,
     )
     print(f"fastdecode serve: {name} at http://{args.host}:{args.port}/v1 (default method {args.method}; "
           f"/health answers 503 until the model is loaded)", file=sys.stderr)

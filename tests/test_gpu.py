@@ -554,3 +554,68 @@ def test_scheduler_batches_requests_on_the_gpu_and_each_equals_batch1_ar() -> No
     samples = {x.name: x.value for x in next(iter(sched.metrics.batch_sequences.collect())).samples}
     assert samples["fastdecode_batch_sequences_sum"] > samples["fastdecode_batch_sequences_count"] > 0  # batched, not in turns
     assert sched._target is not None and len(sched._target._free) == 8 and not sched._target._held
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or CUDA,
+                    reason="the fused kernels on a CPU: run with TRITON_INTERPRET=1 where Triton is installed (no GPU)")
+def test_batched_sequences_under_the_triton_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """forward_batch's logic (pool offsets, per-row starts, ancestor tables, padding, buckets) checked without a
+    GPU: the fused kernels run in Triton's interpreter (fp32), and every row of a batch of sequences — chains,
+    trees, AR rows, caches of different lengths, over rounds with compaction — equals its sequence's batch-1
+    forward through the same kernels bit for bit, with the same K/V rows written.
+    `TRITON_INTERPRET=1 pytest tests/test_gpu.py -k interpreter` (a few minutes on 2 cores)."""
+    import random
+
+    pytest.importorskip("triton")
+    from fastdecode.engine import tree_mask
+    from fastdecode.serve.batching import Rows
+
+    monkeypatch.setattr(GraphRunner, "_triton_fits", staticmethod(lambda m: True))
+    cfg = ModelConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
+                      max_position=256, tie_embeddings=True)
+    runner = GraphRunner(tiny("cpu", cfg), use_graphs=False, compile=False, kernels="triton", verbose=False)
+    assert runner.kernels == "triton" and runner.batches_sequences
+    rng = random.Random(0)
+    prefixes = [7, 40, 1, 90]
+    pool = runner.new_pool(len(prefixes))
+
+    def tree(n: int) -> list[int]:
+        return [rng.randrange(-1, j) for j in range(n)]
+
+    with torch.no_grad():
+        for c, n in zip(pool, prefixes, strict=True):
+            p = torch.randint(0, 101, (1, n), generator=torch.Generator().manual_seed(n))
+            c.length = 0
+            runner.run_in_storage(c, lambda rc, p=p: runner(p, torch.arange(p.shape[1])[None], rc))
+        for shapes in ([1, 5, tree(6), 3], [1, 1, 1, 1], [tree(9), 17, 1, tree(4)]):
+            batch = []
+            for shp, c in zip(shapes, pool, strict=True):
+                s0 = c.length
+                if isinstance(shp, int):
+                    batch.append(Rows(torch.randint(0, 101, (1, shp)), torch.arange(s0, s0 + shp)[None], c, None))
+                    continue
+                depth: list[int] = []
+                for q in shp:
+                    depth.append(1 if q < 0 else depth[q] + 1)
+                mask = tree_mask(shp)
+                batch.append(Rows(torch.randint(0, 101, (1, 1 + len(shp))), torch.tensor([[s0, *(s0 + d for d in depth)]]), c,
+                                  None if mask is None else mask[None]))
+            refs = []
+            for r in batch:
+                c, n0 = r.cache, r.cache.length
+
+                def one(rc: Any, r: Rows = r) -> tuple[torch.Tensor, torch.Tensor]:
+                    lg, hd = runner(r.tokens, r.positions, rc, r.mask)
+                    return lg[0].clone(), hd[0].clone()
+
+                lg, hd = runner.run_in_storage(c, one)
+                refs.append((lg, hd, c.k[:, :, :, n0 : c.length].clone()))
+                c.length = n0
+            for r, (lg, hd, greedy), (rlg, rhd, rk) in zip(batch, runner.forward_batch(batch), refs, strict=True):
+                assert torch.equal(lg, rlg) and torch.equal(hd, rhd) and greedy == rlg.argmax(-1).tolist()
+                assert torch.equal(r.cache.k[:, :, :, r.cache.length - r.width : r.cache.length], rk)
+            for r in batch:
+                c = r.cache
+                s0 = c.length - r.width
+                c.compact(s0, [s0, *range(s0 + 1, s0 + min(3, r.width))] if r.mask is None else [s0])
+    assert sorted(runner.batch_graphs) == [16, 64]

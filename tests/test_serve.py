@@ -389,6 +389,21 @@ def test_cli_serve_bad_arguments(monkeypatch: pytest.MonkeyPatch, capsys: pytest
     assert "pip install 'fastdecode[serve]'" in err and len(err.splitlines()) == 1
 
 
+def test_cli_serve_no_batching_reaches_the_scheduler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--no-batching` makes every request take turns with batch-1 forwards (and on a GPU allocates no pool)."""
+    from fastdecode.cli import main
+
+    apps: list[Any] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    for argv, allowed in ((["serve", "--model", "smollm2"], True), (["serve", "--model", "smollm2", "--no-batching"], False)):
+        try:
+            resolve("smollm2")
+        except FileNotFoundError:
+            pytest.skip("needs the embedded model's package")
+        assert main(argv) == 0
+        assert apps[-1].state.scheduler.allow_batching is allowed
+
+
 # ------------------------------------------------------------------ batched verify forwards
 
 
