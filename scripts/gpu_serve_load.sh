@@ -35,7 +35,7 @@ bench() {  # NAME CONCURRENCY METHOD [more flags]
     --concurrency "$conc" --endpoint-method "$method" --out "$out/$name" "$@" 2>&1 | tail -3 | tee "$out/$name.log"
   metrics "$name"
 }
-bench warmup 16 pld --duration 10 > /dev/null  # the batched forwards' graphs and kernels, before anything is timed
+bench warmup "${CONCURRENCY:-64}" pld --duration 15 > /dev/null  # the batched forwards' graphs and kernels (every bucket), before anything is timed
 bench b1-ar 1 ar
 for entry in ${LOAD_METHODS:-pld ar}; do  # METHOD or METHOD:SECONDS
   method=${entry%%:*}; seconds=${DURATION:-120}; [ "$entry" != "$method" ] && seconds=${entry#*:}
