@@ -68,6 +68,7 @@ class Tokenizer:
                 eos.update([ids] if isinstance(ids, int) else ids or [])
         self.eos_ids = frozenset(eos)
         self.has_chat_template = bool(getattr(self.hf, "chat_template", None))
+        self._rust = _plain_rust_decoder(self.hf)
 
     @property
     def vocab_size(self) -> int:
@@ -89,7 +90,23 @@ class Tokenizer:
         return [int(t) for t in out]
 
     def decode(self, ids: list[int]) -> str:
-        return self.hf.decode(ids, skip_special_tokens=True)
+        if self._rust is not None:  # what hf.decode returns, without its Python around the call (streaming decodes often)
+            return str(self._rust.decode(ids, skip_special_tokens=True))
+        return str(self.hf.decode(ids, skip_special_tokens=True))
+
+
+def _plain_rust_decoder(hf: Any) -> Any:
+    """The `tokenizers` object behind a fast tokenizer whose decode is exactly its decode (no clean-up of spaces, no
+    subclass decoding its own way), or None."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    if not isinstance(hf, TokenizersBackend) or type(hf)._decode is not TokenizersBackend._decode:
+        return None
+    if type(hf).decode is not TokenizersBackend.decode or getattr(hf, "clean_up_tokenization_spaces", True):
+        return None
+    return getattr(hf, "_tokenizer", None)
 
 
 class StreamDecoder:

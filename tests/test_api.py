@@ -67,6 +67,19 @@ def test_stream_decoder_never_splits_a_character(tokenizer: Tokenizer) -> None:
     assert "".join(pieces) == tokenizer.decode(ids) == text
 
 
+def test_decode_is_the_hf_tokenizers_decode(tokenizer: Tokenizer) -> None:
+    """Tokenizer.decode calls the Rust tokenizer directly where that is what transformers' decode does (SmolLM2:
+    a plain fast tokenizer, no clean-up of spaces): the text is the same for any ids, special tokens included."""
+    import random
+
+    assert tokenizer._rust is not None
+    rng = random.Random(0)
+    specials = sorted(tokenizer.eos_ids)
+    for _ in range(400):
+        ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(12))]
+        assert tokenizer.decode(ids) == tokenizer.hf.decode(ids, skip_special_tokens=True)
+
+
 def test_chat_template_keeps_default_system_prompt(tokenizer: Tokenizer, tiny_gen: Generator) -> None:
     """A string prompt gets SmolLM2's chat template with its default system prompt; a user system prompt
     replaces it; multi-turn message lists work; raw=True skips the template."""

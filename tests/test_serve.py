@@ -33,6 +33,7 @@ from fastdecode.drafters.base import DraftContext, Proposal, register  # noqa: E
 from fastdecode.drafters.pld import PromptLookup  # noqa: E402
 from fastdecode.models.loader import resolve  # noqa: E402
 from fastdecode.serve import create_app  # noqa: E402
+from fastdecode.serve.metrics import ServerMetrics  # noqa: E402
 from fastdecode.tokenizer import Tokenizer  # noqa: E402
 
 MODEL = "tiny"
@@ -466,3 +467,19 @@ def test_batched_rows_bitwise_equal_the_1_row_steps() -> None:
         with pytest.raises(ValueError, match="at most"):
             forward_rows(model, wide)
         assert [len(group) for group in chunks(wide)] == [2, 1] and MAX_ROWS == 256
+
+
+def test_record_step_counts_each_position() -> None:
+    """Acceptance per draft position: a step counts at every depth its draft reached (deeper ones under the last
+    label) and at every depth it accepted."""
+    m = ServerMetrics()
+    m.record_step(40, 50, 3, 0.01)
+    m.record_step(2, 2, 0, 0.01)
+    text = m.exposition().decode()
+    assert _value(text, 'fastdecode_drafted_at_position_total{position="1"}') == 2
+    assert _value(text, 'fastdecode_drafted_at_position_total{position="3"}') == 1
+    assert _value(text, 'fastdecode_drafted_at_position_total{position="32"}') == 1
+    assert 'position="33"' not in text
+    assert _value(text, 'fastdecode_accepted_at_position_total{position="3"}') == 1
+    assert _value(text, 'fastdecode_accepted_at_position_total{position="4"}') == 0
+    assert _value(text, "fastdecode_steps_total") == 2 and _value(text, "fastdecode_drafted_tokens_total") == 52

@@ -35,16 +35,19 @@ class ServerMetrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.running = Gauge("fastdecode_running_sequences", "sequences being decoded", registry=r)
         self.waiting = Gauge("fastdecode_waiting_requests", "requests queued for a free slot", registry=r)
+        # each position's child, looked up once: record_step runs for every step of every sequence
+        self._drafted_at = [self.drafted_at.labels(str(k)) for k in range(1, MAX_POSITION_LABEL + 1)]
+        self._accepted_at = [self.accepted_at.labels(str(k)) for k in range(1, MAX_POSITION_LABEL + 1)]
 
     def record_step(self, drafted_depth: int, drafted_nodes: int, accepted: int, seconds: float) -> None:
         self.steps.inc()
         self.step_seconds.observe(seconds)
         self.drafted.inc(drafted_nodes)
         self.accepted.inc(accepted)
-        for k in range(1, min(drafted_depth, MAX_POSITION_LABEL) + 1):
-            self.drafted_at.labels(str(k)).inc()
-        for k in range(1, min(accepted, MAX_POSITION_LABEL) + 1):
-            self.accepted_at.labels(str(k)).inc()
+        for child in self._drafted_at[:drafted_depth]:
+            child.inc()
+        for child in self._accepted_at[:accepted]:
+            child.inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
