@@ -413,6 +413,20 @@ def _tree(g: torch.Generator, m: int) -> list[int]:
     return [int(torch.randint(-1, j, (1,), generator=g)) for j in range(m)]
 
 
+def test_batching_only_where_the_cpu_multiplies_bf16_natively(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 on a CPU without AVX-512-BF16/AMX rounds a row by the width of its product (measured on an AMD EPYC):
+    there the server must step each request alone, as in fp32, or batched answers could differ from batch 1."""
+    from fastdecode import api
+    from fastdecode.serve.batching import can_batch
+
+    model = make_tiny_model(tiny_config(vocab_size=64, max_position=256), seed=3).to(torch.bfloat16)
+    assert can_batch(model) == cpu_has_fast_bf16()
+    monkeypatch.setattr(api, "cpu_has_fast_bf16", lambda: False)
+    assert not can_batch(model)
+    monkeypatch.setattr(api, "cpu_has_fast_bf16", lambda: True)
+    assert can_batch(model) and not can_batch(model.float())
+
+
 @pytest.mark.skipif(not cpu_has_fast_bf16(), reason="batched steps need the row-invariant path (bf16 on a CPU with native bf16)")
 def test_batched_rows_bitwise_equal_the_1_row_steps() -> None:
     """Ragged verify forwards (each sequence its own tree, chain or single row, its own cache length, including

@@ -48,7 +48,9 @@ def can_batch(model: Any) -> bool:
         return True
     if not isinstance(model, LlamaModel) or model.device.type != "cpu":
         return False
-    return row_invariant(torch.empty(1, 1, dtype=model.dtype), MAX_ROWS)
+    from fastdecode.api import cpu_has_fast_bf16  # bf16 without native support rounds by width (as Generator.row_invariant)
+
+    return cpu_has_fast_bf16() and row_invariant(torch.empty(1, 1, dtype=model.dtype), MAX_ROWS)
 
 
 def max_rows(model: Any) -> int:
