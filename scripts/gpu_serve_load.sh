@@ -21,6 +21,7 @@ t0=$(date +%s)
   > "$out/serve.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null' EXIT
+trap 'exit 143' TERM INT  # under `timeout`: the EXIT trap stops the server too
 health() { "$py" -c "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('$url/health', timeout=2).status == 200 else 1)" 2>/dev/null; }
 until health; do
   if ! kill -0 $server 2>/dev/null; then echo "the server exited"; tail -20 "$out/serve.log"; exit 1; fi

@@ -97,7 +97,10 @@ def main() -> None:
 
     batching.Fiber._main = profiled_main  # type: ignore[method-assign]
     sched.start()
-    assert wait_ready(sched, 120) and sched.batching, "the scheduler does not batch this target"
+    if not wait_ready(sched, 120) or not sched.batching:
+        sched.stop()
+        raise SystemExit("serve_host_cost: the scheduler does not batch here (it batches through the fused kernels on a "
+                         "CUDA GPU, or in bf16 on a CPU with AVX-512-BF16/AMX)")
     done = threading.Semaphore(0)
     prompt = [int(x) for x in torch.randint(0, 49152, (200,), generator=torch.Generator().manual_seed(1))]
     n_tokens = args.rounds + 40
