@@ -141,6 +141,24 @@ def test_tree_nodes_bitwise_equal_their_path_and_kept_rows_equal_ar(model: Llama
         assert torch.equal(cache.v[:, :, :, : cache.length], ar_v)  # type: ignore[attr-defined]
 
 
+def test_narrow_product_does_not_depend_on_the_layout_of_its_input() -> None:
+    """An elementwise op on a narrow product's output (a transposed view) keeps its column-major layout, so the
+    MLP's down product of a verify gets a column-major input where the 1-row step's is row-major. On an AMD EPYC
+    without native bf16, oneDNN then rounded some rows differently (row 22 of a 23-row chain): the product must
+    read its input row-major whatever the layout, so a row's bits cannot depend on it."""
+    from fastdecode.models.llama import narrow_product
+
+    g = torch.Generator().manual_seed(0)
+    w1 = (torch.randn(1536, 576, generator=g) * 0.05).to(torch.bfloat16)
+    w2 = (torch.randn(576, 1536, generator=g) * 0.05).to(torch.bfloat16)
+    for rows in (1, 2, 23, 64):  # up to one chunk of LINEAR_CHUNK rows (more are concatenated: row-major)
+        x = torch.randn(1, rows, 576, generator=g).to(torch.bfloat16)
+        act = torch.nn.functional.silu(narrow_product(x, w1))  # (1, rows, 1536), column-major for rows > 1
+        assert rows == 1 or not act.is_contiguous()
+        out = narrow_product(act, w2)
+        assert torch.equal(out.view(torch.int16), narrow_product(act.contiguous(), w2).view(torch.int16))
+
+
 def test_plan_refuses_rows_that_are_not_tree_paths() -> None:
     """A row that sees two rows at one position (or skips one) has no position order: the ordinary attention."""
     pos = torch.tensor([[10, 11, 11]])

@@ -76,7 +76,11 @@ def row_invariant(x: torch.Tensor, rows: int) -> bool:
 def narrow_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`x @ weight.T` on CPU, row-invariant in bf16: `(W @ x.T).T` in chunks of LINEAR_CHUNK rows (see Linear)."""
     rows = x.numel() // x.shape[-1]
-    flat = x.reshape(rows, -1)
+    # row-major, whatever x's layout (an elementwise op on a narrow product's output, itself a transposed view,
+    # keeps that column-major layout): oneDNN may take another kernel for a column-major right operand, and did
+    # on an AMD EPYC without native bf16 (the MLP's down product of a 23-row verify rounded row 22 unlike the
+    # 1-row step). A 1-row x is always row-major, so the 1-row step never copies.
+    flat = x.reshape(rows, -1).contiguous()
     parts = [(weight @ flat[i : i + LINEAR_CHUNK].T).T for i in range(0, rows, LINEAR_CHUNK)]  # (rows', out)
     return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(*x.shape[:-1], -1)
 
