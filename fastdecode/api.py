@@ -100,14 +100,17 @@ class Generator:
     @property
     def row_invariant(self) -> bool:
         """Whether this model's forwards give a row the same bits at every width, so that every lossless
-        drafter's greedy output is bit-identical to `ar`'s: bf16 on a CPU that multiplies bf16 natively,
-        bf16/fp16 through the fused kernels on a CUDA GPU. Elsewhere (fp32, fp16 on a CPU, CPUs without
-        native bf16) a 1-row step and a verify round may round differently: identical up to numeric ties."""
+        drafter's greedy output is bit-identical to `ar`'s: fp32 on any CPU (products of one fixed tile
+        shape), bf16 on a CPU that multiplies bf16 natively, bf16/fp16 through the fused kernels on a CUDA
+        GPU. Elsewhere (fp16 on a CPU, bf16 on CPUs without native bf16, fp32 on a GPU) a 1-row step and a
+        verify round may round differently: identical up to numeric ties."""
         from fastdecode.models import llama
 
         if self.device.type == "cuda":
             return getattr(self.model, "kernels", None) == "triton"
-        return llama.ROW_INVARIANT_ON and self.dtype in llama.ROW_INVARIANT_DTYPES and cpu_has_fast_bf16()
+        if not (llama.ROW_INVARIANT_ON and self.dtype in llama.ROW_INVARIANT_DTYPES):
+            return False
+        return self.dtype == torch.float32 or cpu_has_fast_bf16()
 
     @property
     def dtype(self) -> torch.dtype:

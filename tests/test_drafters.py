@@ -291,7 +291,8 @@ REAL_OPTIONS: dict[str, dict[str, Any]] = {
 @pytest.mark.slow
 @pytest.mark.parametrize("method", NEW_DRAFTERS)
 def test_greedy_lossless_on_spec_bench(method: str, smollm2: Any, spec_prompts: list[dict], ar_refs: Any) -> None:
-    """26 Spec-Bench prompts, first turn, chat template, SmolLM2 fp32: identical to ar, or a numeric tie."""
+    """26 Spec-Bench prompts, first turn, chat template, SmolLM2 fp32: identical to ar (a numeric tie passes only
+    where the forwards are not row-invariant)."""
     smollm2.engine.tokenizer = smollm2.tokenizer
     torch.manual_seed(0)
     options = REAL_OPTIONS[method]
@@ -305,7 +306,7 @@ def test_greedy_lossless_on_spec_bench(method: str, smollm2: Any, spec_prompts: 
     for i, q in enumerate(prompts):
         out = smollm2.generate(prompt_text(q), method, max_new_tokens=DRAFTER_TOKENS, top_logits=16, **options)
         ref = _Prefix(ar_refs[i], len(out.token_ids)) if DRAFTER_TOKENS < len(ar_refs[i].token_ids) else ar_refs[i]
-        assert_lossless(f"{method} #{i} {q['category']}", ref, out)
+        assert_lossless(f"{method} #{i} {q['category']}", ref, out, exact=smollm2.row_invariant)
         steps += out.stats.steps
         tokens += out.stats.new_tokens
     print(f"\n[{method}] MAT {tokens / steps:.2f} over {len(prompts)} prompts x {DRAFTER_TOKENS} tokens")

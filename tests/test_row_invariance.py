@@ -1,8 +1,9 @@
-"""Row-invariant forwards on the CPU in bf16 (issue 10; DESIGN.md, "How we know a method is lossless", 1).
+"""Row-invariant forwards on the CPU in bf16 and fp32 (issue 10; DESIGN.md, "How we know a method is lossless", 1).
 
-Invariant (where the CPU multiplies bf16 natively, so that `--dtype auto` runs bf16): a row's logits depend
-only on its token, its position and the keys it may see — not on how many rows share the forward, where its
-tree ancestors sit in it, or which block of the cache it falls in. So node j of a verify forward (any width
+Invariant (bf16 where the CPU multiplies bf16 natively, so that `--dtype auto` runs bf16 there; fp32, what it
+runs on every other CPU, everywhere): a row's logits depend only on its token, its position and the keys it
+may see — not on how many rows share the forward, where its tree ancestors sit in it, or which block of the
+cache it falls in. So node j of a verify forward (any width
 1..64, any tree shape) equals, bit for bit, the 1-row step that `ar` runs at the same position after the
 same tokens, and the K/V rows the engine keeps after a rollback are those `ar` would have written.
 
@@ -44,10 +45,15 @@ def _two_threads() -> None:
     torch.set_num_threads(2)  # the thread split is one of the things that may not change a row
 
 
-@pytest.fixture(scope="module")
-def model() -> LlamaModel:
+# bf16 where the CPU multiplies it natively (`--dtype auto` picks it there); fp32 on every CPU (the default
+# where bf16 is emulated): both must keep a row's bits at every width
+DTYPES = [pytest.param(torch.bfloat16, marks=NATIVE_BF16, id="bf16"), pytest.param(torch.float32, id="fp32")]
+
+
+@pytest.fixture(scope="module", params=DTYPES)
+def model(request: pytest.FixtureRequest) -> LlamaModel:
     torch.manual_seed(0)
-    m = LlamaModel(SMOLLM2_SHAPES).eval().to(torch.bfloat16)
+    m = LlamaModel(SMOLLM2_SHAPES).eval().to(request.param)
     m.fuse_projections()
     return m
 
@@ -73,14 +79,37 @@ def _ar_rows(model: LlamaModel, cache: object, tokens: torch.Tensor, positions: 
 
 def test_the_row_invariant_path_is_taken() -> None:
     assert row_invariant(torch.zeros(1, 8, dtype=torch.bfloat16), 64)
-    assert not row_invariant(torch.zeros(1, 8, dtype=torch.float32), 64)  # fp32: see docs/design.md
+    assert row_invariant(torch.zeros(1, 8, dtype=torch.float32), 64)  # fp32: products of fixed tiles
+    assert not row_invariant(torch.zeros(1, 8, dtype=torch.float16), 64)  # fp16 on a CPU: rounds by width
     assert not row_invariant(torch.zeros(1, 8, dtype=torch.bfloat16), 1000)  # long prefill: ordinary kernels
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9, 23, 64])
+def test_fp32_tiles_give_a_row_the_bits_of_its_own_tile(rows: int) -> None:
+    """fp32: MKL's sgemm sums a row in an order that depends on how many rows share the product, so every
+    decode-path product runs on zero-padded tiles of FP32_TILE rows (two at once where the probe allows): a
+    row's bits are those of a tile holding it alone, wherever it sits and whatever the other rows hold."""
+    from fastdecode.models.llama import FP32_TILE, in_tiles, narrow_product
+
+    g = torch.Generator().manual_seed(rows)
+    for out, inner in [(960, 576), (576, 1536), (49152, 576)]:
+        w = torch.randn(out, inner, generator=g) / inner**0.5
+        x = torch.randn(1, rows, inner, generator=g)
+        y = narrow_product(x, w)
+        assert y.is_contiguous()  # row-major, as the 1-row step's (the elementwise ops after it vectorise alike)
+        for r in range(rows):
+            alone = torch.zeros(FP32_TILE, inner)
+            alone[0] = x[0, r]
+            assert torch.equal(y[0, r], (w @ alone.T).T[0]), (out, inner, rows, r)
+    a = torch.randn(2, 3, rows, 64, generator=g)  # attention's products: tiles along the rows of the left operand
+    v = torch.randn(2, 3, 64, 64, generator=g)
+    tiled = in_tiles(a, lambda t: t @ v)
+    assert all(torch.equal(tiled[..., r : r + 1, :], in_tiles(a[..., r : r + 1, :], lambda t: t @ v)) for r in range(rows))
 
 
 CHAIN_CASES = [(5, True), (ATTN_BLOCK - 20, True), (3 * ATTN_BLOCK + 7, True), (ATTN_BLOCK - 20, False)]
 
 
-@NATIVE_BF16
 @pytest.mark.parametrize(("prefix", "whole_blocks"), CHAIN_CASES)
 def test_chain_rows_bitwise_equal_the_1_row_step_at_every_width(model: LlamaModel, prefix: int, whole_blocks: bool) -> None:
     """Widths 1..64 after a prompt of `prefix` tokens (the chains cross attention blocks): every row equals
@@ -101,7 +130,6 @@ def _random_tree(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(-1, j) for j in range(n)]
 
 
-@NATIVE_BF16
 @pytest.mark.parametrize("seed", range(4))
 def test_tree_nodes_bitwise_equal_their_path_and_kept_rows_equal_ar(model: LlamaModel, seed: int) -> None:
     """A random tree of 3..63 nodes after a random prompt: each node's logits equal the 1-row steps along its
@@ -172,7 +200,6 @@ def test_plan_refuses_rows_that_are_not_tree_paths() -> None:
     assert plan.slots[0, 2, 10:12].tolist() == [10, 12]  # row 2 reads position 11 from its own slot
 
 
-@NATIVE_BF16
 def test_decoding_to_the_last_slot_of_a_cache_of_any_length(model: LlamaModel) -> None:
     """A cache whose length is no multiple of the attention block (a capped context, a caller's own cache):
     steps and trees run to its very last slot, and a 3-row chain there equals its 1-row steps."""

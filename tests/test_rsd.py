@@ -262,11 +262,12 @@ def test_rsd_is_listed_as_lossless_with_its_artifact(capsys: pytest.CaptureFixtu
 
 @pytest.mark.slow
 def test_rsd_greedy_lossless_on_spec_bench(smollm2: Any, spec_prompts: list[dict], ar_refs: Any) -> None:
-    """SmolLM2 fp32 with the shipped draft, 9 Spec-Bench prompts (every third): `ar`'s tokens, or a numeric tie."""
+    """SmolLM2 fp32 with the shipped draft, 9 Spec-Bench prompts (every third): `ar`'s tokens (bit for bit
+    where the forwards are row-invariant, else up to a numeric tie)."""
     steps = tokens = 0
     for i in range(0, 26, 3):
         out = smollm2.generate(prompt_text(spec_prompts[i]), "rsd", max_new_tokens=64, top_logits=16)
-        assert_lossless(f"rsd #{i} {spec_prompts[i]['category']}", ar_refs[i], out)
+        assert_lossless(f"rsd #{i} {spec_prompts[i]['category']}", ar_refs[i], out, exact=smollm2.row_invariant)
         steps += out.stats.steps
         tokens += out.stats.new_tokens
     assert tokens / steps > 1.2

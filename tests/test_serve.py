@@ -415,20 +415,26 @@ def _tree(g: torch.Generator, m: int) -> list[int]:
 
 def test_batching_only_where_the_cpu_multiplies_bf16_natively(monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 on a CPU without AVX-512-BF16/AMX rounds a row by the width of its product (measured on an AMD EPYC):
-    there the server must step each request alone, as in fp32, or batched answers could differ from batch 1."""
+    there the server must step each request alone, or batched answers could differ from batch 1. fp32 (fixed
+    product tiles) and fp16 (not row-invariant on a CPU) do not depend on it."""
     from fastdecode import api
     from fastdecode.serve.batching import can_batch
 
-    model = make_tiny_model(tiny_config(vocab_size=64, max_position=256), seed=3).to(torch.bfloat16)
+    cfg = tiny_config(vocab_size=64, max_position=256)
+    model, fp32, fp16 = (make_tiny_model(cfg, seed=3).to(dt) for dt in (torch.bfloat16, torch.float32, torch.float16))
     assert can_batch(model) == cpu_has_fast_bf16()
     monkeypatch.setattr(api, "cpu_has_fast_bf16", lambda: False)
-    assert not can_batch(model)
+    assert not can_batch(model) and can_batch(fp32) and not can_batch(fp16)
     monkeypatch.setattr(api, "cpu_has_fast_bf16", lambda: True)
-    assert can_batch(model) and not can_batch(model.float())
+    assert can_batch(model) and can_batch(fp32) and not can_batch(fp16)
 
 
-@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="batched steps need the row-invariant path (bf16 on a CPU with native bf16)")
-def test_batched_rows_bitwise_equal_the_1_row_steps() -> None:
+NATIVE_BF16 = pytest.mark.skipif(not cpu_has_fast_bf16(), reason="bf16 is row-invariant where the CPU multiplies it natively")
+BATCH_DTYPES = [pytest.param(torch.bfloat16, id="bf16", marks=NATIVE_BF16), pytest.param(torch.float32, id="fp32")]
+
+
+@pytest.mark.parametrize("dtype", BATCH_DTYPES)
+def test_batched_rows_bitwise_equal_the_1_row_steps(dtype: torch.dtype) -> None:
     """Ragged verify forwards (each sequence its own tree, chain or single row, its own cache length, including
     lengths across attention blocks) batched into one forward give every row the bits of the sequence's own
     forward, and write the same K/V rows; a batch wider than MAX_ROWS is refused, `chunks` cuts it."""
@@ -436,9 +442,9 @@ def test_batched_rows_bitwise_equal_the_1_row_steps() -> None:
     from fastdecode.serve.batching import MAX_ROWS, Rows, can_batch, chunks, forward_rows
 
     cfg = tiny_config(vocab_size=64, max_position=256)
-    model = make_tiny_model(cfg, seed=3).to(torch.bfloat16)
+    model = make_tiny_model(cfg, seed=3).to(dtype)
     model.fuse_projections()
-    assert can_batch(model) and not can_batch(make_tiny_model(cfg, seed=3))  # fp32: never batched
+    assert can_batch(model) and not can_batch(make_tiny_model(cfg, seed=3).half())  # fp16 on a CPU: never batched
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (2, 63, 64, 65, 130)]
     batched, alone = [], []

@@ -7,10 +7,11 @@ engine import lives here.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,9 +59,17 @@ def _rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     raise ValueError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
 
 
-ROW_INVARIANT_DTYPES = (torch.bfloat16,)  # fp16 on CPU: oneDNN rounds by width there too (measured), fp32: see Linear
+ROW_INVARIANT_DTYPES = (torch.bfloat16, torch.float32)  # fp16 on CPU: oneDNN rounds by width there too (measured)
 ROW_INVARIANT_MAX = 256  # forwards of at most this many rows (every decode step) take the row-invariant path
 LINEAR_CHUNK = 64  # rows per narrow product
+# fp32 on the CPU: MKL's sgemm sums a row in an order that depends on how many rows share the product (row 0
+# of `W @ x.T` falls in classes [1], [2, 3], [4..11 in part], [12..] by width; measured on an AMD EPYC), but
+# a product of one fixed shape computes every row alike, wherever it sits and whatever the other rows hold.
+# So fp32 decode-path linears run on tiles of exactly FP32_TILE rows, zero-padded, up to
+# FP32_TILES_PER_PRODUCT tiles at once where the probe finds the wider shape rounds as the tile does;
+# fp32 attention runs row by row (attend_each_row).
+FP32_TILE = 4
+FP32_TILES_PER_PRODUCT = 2
 
 
 # FASTDECODE_ROW_INVARIANT=0 takes the width-dependent CPU kernels instead (for measuring what invariance costs:
@@ -69,7 +78,7 @@ ROW_INVARIANT_ON = os.environ.get("FASTDECODE_ROW_INVARIANT", "1") != "0"
 
 
 def row_invariant(x: torch.Tensor, rows: int) -> bool:
-    """Whether a CPU forward of `rows` rows takes the row-invariant path (bf16, decode-sized)."""
+    """Whether a CPU forward of `rows` rows takes the row-invariant path (bf16 or fp32, decode-sized)."""
     return ROW_INVARIANT_ON and x.device.type == "cpu" and x.dtype in ROW_INVARIANT_DTYPES and rows <= ROW_INVARIANT_MAX
 
 
@@ -81,8 +90,47 @@ def narrow_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # on an AMD EPYC without native bf16 (the MLP's down product of a 23-row verify rounded row 22 unlike the
     # 1-row step). A 1-row x is always row-major, so the 1-row step never copies.
     flat = x.reshape(rows, -1).contiguous()
+    if x.dtype == torch.float32 and ROW_INVARIANT_ON:
+        # row-major out, as the 1-row step's: a vectorised elementwise op (silu, RoPE) on a column-major view
+        # may run a row's elements through its scalar tail loop, whose exp rounds unlike the vector one
+        out = in_tiles(flat, lambda t: (weight @ t.T).T, _fp32_span(weight)).contiguous()
+        return out.reshape(*x.shape[:-1], -1)
     parts = [(weight @ flat[i : i + LINEAR_CHUNK].T).T for i in range(0, rows, LINEAR_CHUNK)]  # (rows', out)
     return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(*x.shape[:-1], -1)
+
+
+def in_tiles(a: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor], span: int = 1) -> torch.Tensor:
+    """`f` over the rows of `a` (..., R, K) in products of FP32_TILE rows (the last one zero-padded), `span`
+    tiles at a time where that many remain: (..., R, N). f must treat rows independently."""
+    R, tile = a.shape[-2], FP32_TILE
+    parts = []
+    for i in range(0, R, tile * span):
+        piece = a[..., i : i + tile * span, :]
+        n = piece.shape[-2]
+        width = -(-n // tile) * tile
+        if width != n:
+            piece = F.pad(piece, (0, 0, 0, width - n))
+        else:  # every tile a fresh row-major buffer, padded or not: BLAS kernels may depend on layout and alignment
+            piece = piece.clone(memory_format=torch.contiguous_format)
+        parts.append(f(piece)[..., :n, :])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -2)
+
+
+_SPANS: dict[tuple[int, ...], int] = {}
+
+
+def _fp32_span(weight: torch.Tensor) -> int:
+    """How many fp32 tiles one product of `weight` may take: FP32_TILES_PER_PRODUCT where a product of that many
+    tiles gives every row the bits of a 1-tile product (probed once per shape on random rows), else 1."""
+    key = (*weight.shape, *weight.stride())
+    if key not in _SPANS:
+        span = FP32_TILES_PER_PRODUCT
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(FP32_TILE * span, weight.shape[1], generator=g)
+        wide = (weight @ x.T).T
+        ok = all(torch.equal(wide[i : i + FP32_TILE], (weight @ x[i : i + FP32_TILE].T).T) for i in range(0, len(x), FP32_TILE))
+        _SPANS[key] = span if ok else 1
+    return _SPANS[key]
 
 
 class Linear(nn.Linear):
@@ -94,9 +142,10 @@ class Linear(nn.Linear):
     project's AVX-512-BF16 CPU, bf16 rows then come out bit-identical for every width 1..64 (oneDNN),
     and cost what a 1-row product does up to ~16 rows. So in bf16 every forward of at most 256 rows runs
     it for every width, one included, in chunks of 64 rows (fp16 on a CPU rounds by width here too). In
-    fp32 (CPUs without fast bf16) no library kernel is row-invariant at an acceptable cost (see
-    docs/design.md); the narrow product still makes 2..64 rows cost about one row there (fp32, 2 cores:
-    4 rows = 1 row, 16 rows = 1.45x), and one row keeps the GEMV.
+    fp32 (what CPUs without fast bf16 run) MKL's sgemm rounds by width in both orientations, but one
+    product shape computes each of its rows alike: the product runs on zero-padded tiles of FP32_TILE rows
+    (`in_tiles`), two tiles at once where `_fp32_span` finds that shape rounds as one tile does. On an AMD
+    EPYC (2 cores, AVX2) a 4-row `W @ x.T` costs 0.8x the 1-row GEMV it replaces, an 8-row one 1.3x.
     Prefill (longer inputs) keeps the ordinary kernel: its rows are shared by every method.
     """
 
@@ -184,6 +233,17 @@ class PositionPlan:
     slots: torch.Tensor  # (B, T, L) long: slot of position prefix + j for row t (0 where unseen)
     bias: torch.Tensor  # (B, 1, rep*T, prefix+L) fp32: 0 where the query row sees the position, -inf elsewhere
     chain: bool  # every seen position sits in the slot of the same number: the cache is read as it lies
+    new: torch.Tensor  # (B, T, D+1) long: slot of the new row row t sees at each depth below the pending row (-1: none)
+
+    @functools.cached_property
+    def paths(self) -> list[list[list[int]]]:
+        """[b][t]: the slots of the new rows row t sees, in position order (attend_each_row)."""
+        return [[[s for s in row if s >= 0] for row in seq] for seq in self.new.tolist()]
+
+    @functools.cached_property
+    def path_index(self) -> list[list[torch.Tensor]]:
+        """`paths` as index tensors, made once per forward for every layer to read."""
+        return [[torch.tensor(p, device=self.new.device) for p in seq] for seq in self.paths]
 
 
 def position_plan(positions: torch.Tensor, mask: torch.Tensor | None, start: int, rep: int) -> PositionPlan | None:
@@ -217,7 +277,7 @@ def position_plan(positions: torch.Tensor, mask: torch.Tensor | None, start: int
     chain = bool((torch.where(seen_new, new, start + steps) == start + steps).all())
     bias = torch.zeros(B, 1, rep, T, prefix + L, device=dev)
     bias[..., prefix:].masked_fill_(~seen[:, None, None], float("-inf"))
-    return PositionPlan(prefix, slots, bias.reshape(B, 1, rep * T, prefix + L), chain)
+    return PositionPlan(prefix, slots, bias.reshape(B, 1, rep * T, prefix + L), chain, new)
 
 
 def attend_by_position(
@@ -265,6 +325,40 @@ def attend_by_position(
     return o.sum(2, dtype=torch.float32)  # (B, kvh, rep, T, hd): block partials summed in block order
 
 
+def attend_each_row(
+    q: torch.Tensor,  # (B, kvh, rep*T, hd): query head g*rep + r of token t is row r*T + t of group g
+    k_cache: torch.Tensor,  # (B, kvh, S_max, hd), the new rows written
+    v_cache: torch.Tensor,
+    start: int,  # slots 0 .. start-1 hold the committed cache; the new rows sit at start ..
+    plan: PositionPlan,
+) -> torch.Tensor:  # (B, kvh, rep, T, hd)
+    """fp32 attention, row-invariant: each new row attends in a call of its own, the call the 1-row step makes
+    at the row's position (its rep query heads over its keys in position order, as one SDPA call), so a
+    verify row is the 1-row step's arithmetic whatever the width. A chain row reads the cache as it lies; a
+    tree row's ancestors are copied behind the committed cache in a scratch cache of the same shape."""
+    B, kvh, R, hd = q.shape
+    T = plan.slots.shape[1]
+    qs = q.reshape(B, kvh, R // T, T, hd)
+    out = torch.empty(B, kvh, R // T, T, hd, dtype=q.dtype)
+    for b in range(B):
+        ks: torch.Tensor | None = None
+        vs: torch.Tensor | None = None
+        for t in range(T):
+            qt = qs[b : b + 1, :, :, t].contiguous()  # (1, kvh, rep, hd), as a 1-row step's
+            n = start + len(plan.paths[b][t])
+            if plan.chain:  # path == start .. n-1: the cache as it lies
+                k, v = k_cache[b : b + 1, :, :n], v_cache[b : b + 1, :, :n]
+            else:
+                if ks is None or vs is None:
+                    ks, vs = torch.empty_like(k_cache[b : b + 1]), torch.empty_like(v_cache[b : b + 1])
+                    ks[:, :, :start], vs[:, :, :start] = k_cache[b : b + 1, :, :start], v_cache[b : b + 1, :, :start]
+                idx = plan.path_index[b][t]
+                ks[:, :, start:n], vs[:, :, start:n] = k_cache[b : b + 1, :, idx], v_cache[b : b + 1, :, idx]
+                k, v = ks[:, :, :n], vs[:, :, :n]
+            out[b : b + 1, :, :, t] = F.scaled_dot_product_attention(qt, k, v)
+    return out
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -288,7 +382,7 @@ class Attention(nn.Module):
         v_cache: torch.Tensor,
         start: int,  # first free cache slot: the new rows are written at start .. start+T-1
         mask: torch.Tensor | None,  # (B, 1, T, start+T) bool, or None for "attend to everything"
-        plan: PositionPlan | None = None,  # the row-invariant path (CPU, bf16); then `mask` is unused
+        plan: PositionPlan | None = None,  # the row-invariant path (CPU, bf16 and fp32); then `mask` is unused
     ) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
@@ -320,6 +414,9 @@ class Attention(nn.Module):
         # are stacked along the query axis (query head i uses kv head i // rep, as in the reference)
         rep = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(B, cfg.num_kv_heads, rep * T, cfg.head_dim)  # (B, kvh, rep*T, hd)
+        if plan is not None and q.dtype == torch.float32:
+            o = attend_each_row(q, k_cache, v_cache, start, plan)  # (B, kvh, rep, T, hd)
+            return self.o_proj(o.permute(0, 3, 1, 2, 4).reshape(B, T, cfg.num_heads * cfg.head_dim))
         if plan is not None:
             o = attend_by_position(q, k_cache, v_cache, end, plan).to(x.dtype)  # (B, kvh, rep, T, hd)
             return self.o_proj(o.permute(0, 3, 1, 2, 4).reshape(B, T, cfg.num_heads * cfg.head_dim))
@@ -433,7 +530,7 @@ class LlamaModel(nn.Module):
         forwards (serve/batching.py), which must attend exactly as a forward of these rows alone does."""
         B, T = positions.shape
         full_mask: torch.Tensor | None = None  # None with T == 1: the row sees the whole cache
-        # CPU bf16: every layer reads the cache through one plan, row-invariant (see PositionPlan). Not for a
+        # CPU bf16 and fp32: every layer reads the cache through one plan, row-invariant (see PositionPlan). Not for a
         # prefill (hidden_only): every method prefills the same prompt the same way, and SDPA is faster there
         rep = self.cfg.num_heads // self.cfg.num_kv_heads
         whole = mask is not None and mask.shape[-1] == start + T and start > 0  # a mask over the cache too (a drafter's tree)

@@ -4,15 +4,15 @@ bit-identical to that sequence's own batch-1 verify forward. So speculative deco
 ragged acceptance: each sequence's engine verifies, accepts and compacts its own cache as at batch 1.
 
 Why the bits agree: everything but attention runs on the rows of all the sequences stacked as one (embedding,
-RMSNorm, RoPE, the q/k/v and o projections, the MLP, the LM head), and on the CPU's row-invariant path (bf16
-on CPUs that multiply bf16 natively: models/llama.py, tests/test_row_invariance.py) a row of an N-row product
-is the same bits as in any other width up to ROW_INVARIANT_MAX rows (`narrow_product` cuts 64-row chunks);
+RMSNorm, RoPE, the q/k/v and o projections, the MLP, the LM head), and on the CPU's row-invariant path (fp32,
+and bf16 on CPUs that multiply bf16 natively: models/llama.py, tests/test_row_invariance.py) a row of an N-row
+product is the same bits as in any other width up to ROW_INVARIANT_MAX rows (`narrow_product` cuts chunks);
 attention runs per sequence, on its own cache, with the mask and position plan its own forward would build
 (`LlamaModel.attention_inputs`). On a GPU the CUDA-graph runner's fused kernels compute every row alone at any
 width (cuda_graphs.py), so there the whole batched forward is one captured graph (`GraphRunner.forward_batch`):
 each sequence's cache is one of a pool in one storage, which the attention kernel reads at the sequence's own
-offset (`PooledTarget`). Where the forwards are not row-invariant (fp32, CPUs without native bf16, the GPU's torch
-kernels) nothing is batched: `can_batch` says so, and the scheduler steps each sequence alone.
+offset (`PooledTarget`). Where the forwards are not row-invariant (bf16 on CPUs without native bf16, fp16 on a
+CPU, the GPU's torch kernels) nothing is batched: `can_batch` says so, and the scheduler steps each sequence alone.
 
 The engine stays unaware of it. Each sequence's generation runs in a `Fiber` (a thread that runs only while
 the scheduler waits for it), and its engine's target is the server's `BatchedTarget`: a verify forward called
@@ -50,7 +50,8 @@ def can_batch(model: Any) -> bool:
         return False
     from fastdecode.api import cpu_has_fast_bf16  # bf16 without native support rounds by width (as Generator.row_invariant)
 
-    return cpu_has_fast_bf16() and row_invariant(torch.empty(1, 1, dtype=model.dtype), MAX_ROWS)
+    native = model.dtype == torch.float32 or cpu_has_fast_bf16()
+    return native and row_invariant(torch.empty(1, 1, dtype=model.dtype), MAX_ROWS)
 
 
 def max_rows(model: Any) -> int:
