@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 LOSSLESS_WHERE = (
-    "lossless: greedy output bit-identical to ar where forwards are row-invariant (bf16 on CPUs with AVX-512-BF16 or AMX;\n"
-    "bf16/fp16 on CUDA GPUs); in fp32, fp16 on a CPU and on CPUs without native bf16 identical up to numeric ties\n"
+    "lossless: greedy output bit-identical to ar where forwards are row-invariant (fp32 on a CPU; bf16 on CPUs with\n"
+    "AVX-512-BF16 or AMX; bf16/fp16 on CUDA GPUs); elsewhere (fp16 on a CPU, bf16 on CPUs without native bf16, fp32 on\n"
+    "a GPU) identical up to numeric ties\n"
     "(fastdecode bench reports exact match and the top-2 gap at any divergence). Sampling: the target's distribution."
 )
 

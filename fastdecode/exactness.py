@@ -1,8 +1,8 @@
 """Is a method's greedy output the reference's, and where it is not, is the difference a numeric tie?
 
 docs/design.md's rule, for comparing different engines or machines (a peer, fp32 vs bf16) and our own
-forwards where they are not row-invariant (fp32, CPUs without native bf16: a width-16 forward may round
-differently from a width-1 one): a divergence from plain greedy decoding is accepted as a *numeric tie*
+forwards where they are not row-invariant (bf16 on CPUs without native bf16, fp16 on a CPU, fp32 on a GPU:
+a width-16 forward may round differently from a width-1 one): a divergence from plain greedy decoding is accepted as a *numeric tie*
 only where, at the first differing position, the target's top-2 logit gap is smaller than the measured
 difference between the two paths' logits there. Both figures are kept so a reader can check the verdict.
 Where forwards are row-invariant (`Generator.row_invariant`) a lossless method must be bit-identical:

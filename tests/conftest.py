@@ -281,7 +281,7 @@ def smollm2_bf16() -> Any:
     from fastdecode.api import cpu_has_fast_bf16
 
     if not cpu_has_fast_bf16():
-        pytest.skip("this CPU has no AVX-512-BF16/AMX: --dtype auto runs fp32 here (tested with the tie rule)")
+        pytest.skip("this CPU has no AVX-512-BF16/AMX: --dtype auto runs fp32 here (tested bit for bit in fp32)")
     return fastdecode.load("smollm2", device="cpu", dtype="bf16")
 
 

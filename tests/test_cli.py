@@ -196,18 +196,21 @@ def test_generate_real_model(smollm2: Any, monkeypatch: pytest.MonkeyPatch, caps
 
 def test_demo_same_text_and_exit_status(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """`fastdecode demo` (what `make demo` runs): ar and pld side by side on three Spec-Bench prompts, exit 0 when
-    every row has ar's text; where forwards are not row-invariant (this fp32 model) a numeric tie also passes,
-    any other difference exits 1 ("NO")."""
+    every row has ar's text. With row-invariant forwards (fp32 on a CPU) any difference, a numeric tie too,
+    exits 1 ("NO"); where they are not (FASTDECODE_ROW_INVARIANT=0) a numeric tie passes."""
     import fastdecode.demo as demo
+    from fastdecode.models import llama
 
     cfg = tiny_config(vocab_size=49152, hidden_size=16, intermediate_size=32, num_heads=2, num_kv_heads=1, head_dim=8, max_position=1024)
     gen = Generator(make_tiny_model(cfg, seed=2, logit_scale=1.0), Tokenizer(resolve("smollm2")))
     monkeypatch.setattr(fastdecode, "load", lambda *a, **k: gen)
 
     code, out, _ = _run(["demo", "--max-new-tokens", "6"], capsys)
-    assert code == 0 and "row-invariant forwards: no" in out
+    assert code == 0 and "row-invariant forwards: yes" in out
     assert [line.split()[-1] for line in out.splitlines()[2:5]] == ["yes", "yes", "yes"]
-    for tie, want_code, word in ((True, 0, "tie"), (False, 1, "NO")):
+    for invariant, tie, want_code, word in ((True, True, 1, "NO"), (False, True, 0, "tie"), (False, False, 1, "NO")):
+        monkeypatch.setattr(llama, "ROW_INVARIANT_ON", invariant)
         monkeypatch.setattr(demo, "first_divergence", lambda *a, tie=tie, **k: type("D", (), {"tie": tie})())
         code, out, _ = _run(["demo", "--max-new-tokens", "6"], capsys)
+        assert "row-invariant forwards: " + ("yes" if invariant else "no") in out
         assert code == want_code and out.splitlines()[2].split()[-1] == word

@@ -2,9 +2,9 @@
 
 The server runs a tiny random model over SmolLM2's vocabulary with SmolLM2's tokenizer (random tokens make
 long, odd texts: a good test of streaming and stop strings), in bf16 where this CPU multiplies bf16 natively
-(row-invariant forwards: every lossless method's greedy text is bit-identical to `ar`'s) and fp32 elsewhere
-(then each method is compared with its own batch-1 library run). References come from the library
-(`Generator.generate`, batch 1, nothing running beside it).
+and fp32 elsewhere: both row-invariant, so every lossless method's greedy text is bit-identical to `ar`'s and
+the server batches (were they not, each method would be compared with its own batch-1 library run).
+References come from the library (`Generator.generate`, batch 1, nothing running beside it).
 """
 
 from __future__ import annotations
