@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ LINEAR_CHUNK = 64  # rows per narrow product
 # fp32 attention runs row by row (attend_each_row).
 FP32_TILE = 4
 FP32_TILES_PER_PRODUCT = 2
+_prefill = threading.local()  # .on while this thread runs a prefill (hidden_only): shared by every method, no tiles
 
 
 # FASTDECODE_ROW_INVARIANT=0 takes the width-dependent CPU kernels instead (for measuring what invariance costs:
@@ -90,7 +92,7 @@ def narrow_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # on an AMD EPYC without native bf16 (the MLP's down product of a 23-row verify rounded row 22 unlike the
     # 1-row step). A 1-row x is always row-major, so the 1-row step never copies.
     flat = x.reshape(rows, -1).contiguous()
-    if x.dtype == torch.float32 and ROW_INVARIANT_ON:
+    if x.dtype == torch.float32 and ROW_INVARIANT_ON and not getattr(_prefill, "on", False):
         # row-major out, as the 1-row step's: a vectorised elementwise op (silu, RoPE) on a column-major view
         # may run a row's elements through its scalar tail loop, whose exp rounds unlike the vector one
         out = in_tiles(flat, lambda t: (weight @ t.T).T, _fp32_span(weight)).contiguous()
@@ -573,11 +575,17 @@ class LlamaModel(nn.Module):
         sin = self.rope_sin[positions].to(x.dtype)[:, None]
         full_mask, plan = self.attention_inputs(x, positions, start, mask, hidden_only, key_mask)
         layer_ids = range(self.cfg.num_layers) if layers is None else layers
-        for slot, li in enumerate(layer_ids):
-            block = typing.cast(Block, self.layers[li])
-            h = block.self_attn(block.input_layernorm(x), cos, sin, cache.k[slot], cache.v[slot], start, full_mask, plan)
-            x = x + h
-            x = x + block.mlp(block.post_attention_layernorm(x))
+        # a prefill (hidden_only) is shared by every method: fp32 linears skip the row-invariant tiles there
+        # (up to 2x slower than one product for a 250-token prompt on 2 cores)
+        outer, _prefill.on = getattr(_prefill, "on", False), hidden_only
+        try:
+            for slot, li in enumerate(layer_ids):
+                block = typing.cast(Block, self.layers[li])
+                h = block.self_attn(block.input_layernorm(x), cos, sin, cache.k[slot], cache.v[slot], start, full_mask, plan)
+                x = x + h
+                x = x + block.mlp(block.post_attention_layernorm(x))
+        finally:
+            _prefill.on = outer
         cache.length = start + T
         hidden = self.norm(x)  # (B, T, D)
         if hidden_only:
